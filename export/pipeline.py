@@ -1,0 +1,223 @@
+"""The export, start to finish: load, convert, quantize, check parity, choose, write."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from export import images, labels, parity, quantize, sources
+from export.artifact import placeholder_model_file, write_artifact
+from export.convert import INPUT_NAME, OPSET, keras_input_shape, output_kind, to_onnx
+from service.imaging import preprocess
+from service.manifest import Labels, Manifest, OutputSpec, Preprocessing, TensorSpec
+
+log = logging.getLogger("export")
+
+SELECTION_RULE = "the fastest variant (median batch-1 latency, 1 thread) that passes the parity gate"
+_NO_PIXEL_LIMIT = 1 << 40
+_TOOLS = ("tensorflow", "keras", "tf_keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "pillow")
+
+
+class ExportFailed(RuntimeError):
+    """The export ran but its result must not ship (the parity gate refused it); nothing was written."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ExportConfig:
+    out: Path
+    keras_model: Path | None = None
+    reference: bool = False
+    labels: Path | None = None
+    calibration_dir: Path | None = None
+    validation_dir: Path | None = None
+    calibration_count: int = 64
+    validation_count: int = 32
+    bn_batches: int = 40
+    bn_batch_size: int = 8
+    quantization: str | None = None  # force a variant instead of the selection rule
+    thresholds: parity.Thresholds = field(default_factory=parity.Thresholds)
+    resize: str = "bilinear_tf"
+    jpeg_draft: bool = True
+    value_range: tuple[float, float] = (0.0, 255.0)
+    keep_variants: Path | None = None
+    name: str | None = None
+    seed: int = sources.REFERENCE_SEED
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for tool in _TOOLS:
+        try:
+            versions[tool] = metadata.version(tool)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _image_set(folder: Path | None, count: int, seed: int) -> tuple[list[bytes], str]:
+    if folder is not None:
+        return images.folder_images(folder, count), str(folder)
+    return images.synthetic_jpegs(count, seed), f"synthetic (seed {seed})"
+
+
+def _arrays(blobs: list[bytes], spec: Preprocessing) -> np.ndarray:
+    return np.stack([preprocess(b, spec, _NO_PIXEL_LIMIT) for b in blobs]).astype(np.float32)
+
+
+def _keras_predict(model: Any, arrays: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(model(b, training=False)) for b in images.batches(arrays, 8)]).astype(np.float32)
+
+
+def _print_report(variants: list[dict[str, Any]], selected: str | None) -> None:
+    header = (
+        f"{'variant':<9} {'size MB':>8} {'latency ms':>10} {'max|Δp|':>9} {'top-1':>6} {'p-cos':>7} {'logit-cos':>9}"
+        "  gate"
+    )
+    lines = [header, "-" * len(header)]
+    for v in variants:
+        p = v["parity"]
+        gate = "pass" if v["passed"] else "FAIL: " + "; ".join(v["failures"])
+        mark = " <- ships" if v["name"] == selected else ""
+        lines.append(
+            f"{v['name']:<9} {v['bytes'] / 1e6:>8.1f} {v['latency_ms']:>10.1f} {p['max_abs_diff']:>9.2e} "
+            f"{p['top1_agreement']:>6.3f} {p['probability_cosine']:>7.4f} {p['logit_cosine']:>9.4f}  {gate}{mark}"
+        )
+    print("\n".join(lines), flush=True)
+
+
+def run_export(config: ExportConfig) -> Manifest:
+    if config.reference == (config.keras_model is not None):
+        raise ValueError("give exactly one of --keras-model PATH or --reference")
+    source = sources.build_reference(config.seed) if config.reference else sources.load_keras_model(config.keras_model)  # type: ignore[arg-type]
+    names = labels.read_names(config.labels) if config.labels else labels.stanford_cars_names()
+    classes = int(source.model.outputs[0].shape[-1])
+    if classes != len(names):
+        raise ValueError(f"the model has {classes} outputs but there are {len(names)} class names")
+
+    height, width, _ = keras_input_shape(source.model)
+    spec = Preprocessing(
+        height=height,
+        width=width,
+        resize=config.resize,
+        value_range=config.value_range,
+        jpeg_draft=config.jpeg_draft,
+    )
+    calibration_blobs, calibration_from = _image_set(config.calibration_dir, config.calibration_count, config.seed + 1)
+    if config.calibration_dir is None:
+        log.warning("calibrating on synthetic images: real images of the target domain calibrate better")
+    validation_dir = config.validation_dir or config.calibration_dir
+    validation_blobs, validation_from = _image_set(validation_dir, config.validation_count, config.seed + 2)
+    calibration = _arrays(calibration_blobs, spec)
+    validation = _arrays(validation_blobs, spec)
+
+    bn_batches = 0
+    if not source.trained:
+        bn_images = _arrays(images.synthetic_jpegs(config.bn_batches * config.bn_batch_size, config.seed + 3), spec)
+        bn_batches = sources.reestimate_batchnorm(source.model, images.batches(bn_images, config.bn_batch_size))
+
+    expected = _keras_predict(source.model, validation)
+    proto = to_onnx(source.model)
+    kind = output_kind(proto)
+
+    wanted = (config.quantization,) if config.quantization else quantize.VARIANTS
+    with tempfile.TemporaryDirectory(prefix="export-") as work:
+        workdir = Path(work)
+        fp32_path = workdir / "fp32.onnx"
+        onnx.save(proto, str(fp32_path))
+        built = quantize.make_variants(fp32_path, calibration, workdir, wanted)
+
+        reports: list[dict[str, Any]] = []
+        for variant in built:
+            log.info("checking %s against Keras on %d images...", variant.name, len(validation))
+            got = parity.onnx_predict(variant.path, validation)
+            result = parity.compare(expected, got)
+            problems = parity.failures(variant.name, result, config.thresholds, source.trained)
+            reports.append(
+                {
+                    "name": variant.name,
+                    "quantization": quantize.QUANTIZATION_NAMES[variant.name],
+                    "bytes": variant.path.stat().st_size,
+                    "latency_ms": round(parity.latency_ms(variant.path, validation), 2),
+                    "parity": parity.as_dict(result),
+                    "passed": not problems,
+                    "failures": problems,
+                }
+            )
+        passing = [r for r in reports if r["passed"]]
+        if config.quantization:
+            selected = passing[0] if passing else None
+        else:
+            selected = min(passing, key=lambda r: r["latency_ms"]) if passing else None
+        _print_report(reports, selected["name"] if selected else None)
+
+        report: dict[str, Any] = {
+            "opset": OPSET,
+            "variants": reports,
+            "selected": selected["name"] if selected else None,
+            "selection_rule": f"forced with --quantization {config.quantization}"
+            if config.quantization
+            else SELECTION_RULE,
+            "thresholds": vars(config.thresholds) | {},
+            "parity_judged_by": "top-1 agreement and probability cosine"
+            if source.trained
+            else "logit cosine (untrained: near-uniform outputs make top-1 meaningless)",
+            "calibration": {"images": len(calibration), "from": calibration_from, "method": "MinMax"},
+            "validation": {"images": len(validation), "from": validation_from},
+            "batchnorm_reestimated_batches": bn_batches,
+            "preprocessing_vs_tensorflow": parity.preprocessing_vs_tensorflow(validation_blobs[:8], height, width),
+            "tools": _tool_versions(),
+        }
+        if selected is None:
+            raise ExportFailed("no variant passed the parity gate; nothing was written", report)
+
+        manifest = Manifest(
+            name=config.name
+            or ("efficientnetv2-b3-stanford-cars-reference" if not source.trained else "car-classifier"),
+            description=(
+                "UNTRAINED reference model: the real EfficientNetV2-B3 architecture (300x300, 196 Stanford Cars "
+                "classes) with seeded random weights; its predictions are meaningless."
+                if not source.trained
+                else f"Exported from {Path(source.path).name}."
+            ),
+            trained=source.trained,
+            created_at=datetime.now(UTC).replace(microsecond=0).isoformat(),
+            model=placeholder_model_file(quantize.QUANTIZATION_NAMES[selected["name"]], OPSET),
+            input=TensorSpec(name=INPUT_NAME, shape=(None, height, width, 3), layout="NHWC", dtype="float32"),
+            output=OutputSpec(name=proto.graph.output[0].name, kind=kind),
+            preprocessing=spec,
+            labels=Labels(file="", count=len(names), sha256=""),
+            source={"path": source.path, "sha256": source.sha256, "loader": source.loader},
+            export=report,
+        )
+        by_name = {v.name: v for v in built}
+        if config.keep_variants is not None:
+            for r in reports:
+                variant_manifest = _for_variant(manifest, r)
+                write_artifact(config.keep_variants / r["name"], by_name[r["name"]].path, names, variant_manifest)
+            log.info("all variants written under %s", config.keep_variants)
+        written = write_artifact(config.out, by_name[selected["name"]].path, names, manifest)
+    log.info("wrote %s (%s, %.1f MB)", config.out, selected["name"], written.model.bytes / 1e6)
+    return written
+
+
+def _for_variant(manifest: Manifest, report: dict[str, Any]) -> Manifest:
+    from dataclasses import replace
+
+    return replace(
+        manifest,
+        model=placeholder_model_file(report["quantization"], OPSET),
+        export=manifest.export | {"selected": report["name"], "selection_rule": "kept with --keep-variants"},
+    )

@@ -1,0 +1,1 @@
+"""A TensorFlow-free Starlette + onnxruntime service for the car-model classifier."""

@@ -1,0 +1,85 @@
+"""One error base carrying its HTTP status, and the handlers that turn every error into the same JSON shape."""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+
+class ServiceError(Exception):
+    """An error a client can act on: it becomes `{"error": {"code", "message"}}` with `status_code`."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+
+
+class InvalidImage(ServiceError):
+    status_code, code = 400, "invalid_image"
+
+
+class EmptyImage(ServiceError):
+    status_code, code = 400, "empty_image"
+
+
+class MalformedBody(ServiceError):
+    status_code, code = 400, "malformed_body"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status_code, code = 413, "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class MissingImage(ServiceError):
+    status_code, code = 422, "missing_image"
+
+
+class InvalidBase64(ServiceError):
+    status_code, code = 422, "invalid_base64"
+
+
+class InvalidParameter(ServiceError):
+    status_code, code = 422, "invalid_parameter"
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+
+
+async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's own 404/405 (and any HTTPException) answer plain text by default; keep one JSON shape.
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers) if exc.headers else None)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, "internal_error", "internal server error; the failure is logged on the server")
+
+
+EXCEPTION_HANDLERS = {
+    ServiceError: service_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: unhandled_error_handler,
+}

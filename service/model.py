@@ -1,0 +1,112 @@
+"""The model runtime: load a verified artifact into onnxruntime and classify arrays. Knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.manifest import Manifest, ManifestError, read_labels, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+class ArtifactError(RuntimeError):
+    """The artifact cannot be served: missing, corrupt, or inconsistent with its manifest."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    label: str
+    score: float
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # INT8 needs at least EXTENDED to fuse QDQ pairs into QLinear kernels. ALL is applied here, at load,
+    # for this machine's CPU; the shipped file itself stays portable.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+class Classifier:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, labels: list[str]) -> None:
+        self.session = session
+        self.manifest = manifest
+        self.labels = labels
+        self._input = manifest.input.name
+        self._output = manifest.output.name
+
+    @classmethod
+    def load(cls, model_dir: Path, threads: int) -> Classifier:
+        try:
+            manifest = Manifest.read(model_dir)
+            labels = read_labels(model_dir, manifest.labels)
+        except ManifestError as exc:
+            raise ArtifactError(str(exc)) from None
+        model_path = model_dir / manifest.model.file
+        if not model_path.is_file():
+            raise ArtifactError(f"model file {model_path} named by the manifest does not exist")
+        digest = sha256_file(model_path)
+        if digest != manifest.model.sha256:
+            raise ArtifactError(
+                f"model file {model_path} has sha256 {digest[:12]}..., the manifest says "
+                f"{manifest.model.sha256[:12]}...: the artifact is corrupt or was changed after export"
+            )
+        try:
+            session = ort.InferenceSession(
+                str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+            raise ArtifactError(f"onnxruntime cannot load {model_path}: {exc}") from None
+        classifier = cls(session, manifest, labels)
+        classifier._check_signature()
+        return classifier
+
+    def _check_signature(self) -> None:
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != [self._input]:
+            raise ArtifactError(
+                f"the model's inputs are {[i.name for i in inputs]}, the manifest says [{self._input!r}]"
+            )
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if self._output not in outputs:
+            raise ArtifactError(f"the model has no output {self._output!r} (it has {sorted(outputs)})")
+        classes = outputs[self._output].shape[-1]
+        if isinstance(classes, int) and classes != len(self.labels):
+            raise ArtifactError(f"the model has {classes} outputs but the labels file has {len(self.labels)} names")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        spec = self.manifest.preprocessing
+        return (spec.height, spec.width, 3)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N, height, width, 3) float32 -> (N, classes) probabilities."""
+        if self.manifest.input.layout == "NCHW":
+            batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        (out,) = self.session.run([self._output], {self._input: batch})
+        out = np.asarray(out, dtype=np.float32)
+        return softmax(out) if self.manifest.output.kind == "logits" else out
+
+    def top(self, probabilities: np.ndarray, k: int) -> list[Scored]:
+        k = min(k, probabilities.shape[-1])
+        best = np.argpartition(-probabilities, k - 1)[:k]
+        best = best[np.argsort(-probabilities[best], kind="stable")]
+        return [Scored(self.labels[i], float(probabilities[i])) for i in best]
+
+    def warm_up(self) -> None:
+        self.predict(np.zeros((1, *self.input_shape), dtype=np.float32))

@@ -1,0 +1,146 @@
+"""Preprocessing: bytes -> model input, as the manifest says."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from io import BytesIO
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import EmptyImage, ImageTooLarge, InvalidImage
+from service.imaging import preprocess, resize_bilinear_tf, scale_values
+from service.manifest import Preprocessing
+from tests.helpers import image_bytes
+
+SPEC = Preprocessing(height=30, width=40)
+LIMIT = 10_000_000
+
+
+def _save(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    buffer = BytesIO()
+    image.save(buffer, format=fmt, **kw)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _naive_bilinear_tf(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """A loop-by-loop transcription of TF's half-pixel bilinear kernel, to check the vectorised one."""
+    in_h, in_w, _ = src.shape
+    out = np.zeros((out_h, out_w, src.shape[2]), dtype=np.float64)
+    for y in range(out_h):
+        cy = (y + 0.5) * in_h / out_h - 0.5
+        y0, y1, fy = max(int(np.floor(cy)), 0), min(int(np.ceil(cy)), in_h - 1), cy - np.floor(cy)
+        for x in range(out_w):
+            cx = (x + 0.5) * in_w / out_w - 0.5
+            x0, x1, fx = max(int(np.floor(cx)), 0), min(int(np.ceil(cx)), in_w - 1), cx - np.floor(cx)
+            top = src[y0, x0] + (src[y0, x1] - src[y0, x0]) * fx
+            bottom = src[y1, x0] + (src[y1, x1] - src[y1, x0]) * fx
+            out[y, x] = top + (bottom - top) * fy
+    return out
+
+
+@pytest.mark.parametrize(("in_h", "in_w", "out_h", "out_w"), [(37, 53, 12, 9), (10, 10, 25, 31), (300, 300, 300, 300)])
+def test_bilinear_tf_matches_the_reference_kernel(in_h: int, in_w: int, out_h: int, out_w: int) -> None:
+    src = np.random.default_rng(0).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+    ours = resize_bilinear_tf(src, out_h, out_w)
+    assert ours.dtype == np.float32 and ours.shape == (out_h, out_w, 3)
+    np.testing.assert_allclose(ours, _naive_bilinear_tf(src.astype(np.float64), out_h, out_w), atol=1e-3)
+
+
+def test_identity_size_is_exact() -> None:
+    src = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_bilinear_tf(src, 30, 40), src.astype(np.float32))
+
+
+def test_output_shape_dtype_and_raw_value_range() -> None:
+    out = preprocess(image_bytes((255, 128, 0), size=(200, 100)), SPEC, LIMIT)
+    assert out.shape == (30, 40, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 0], [255, 128, 0])
+
+
+def test_value_range_is_applied() -> None:
+    px = np.array([[[0, 255, 51]]], dtype=np.float32)
+    np.testing.assert_allclose(scale_values(px, (-1.0, 1.0)), [[[-1.0, 1.0, -0.6]]], atol=1e-6)
+    np.testing.assert_allclose(scale_values(px, (0.0, 1.0)), [[[0.0, 1.0, 0.2]]], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "expected"),
+    [
+        ("L", 100, (100, 100, 100)),
+        ("LA", (100, 0), (255, 255, 255)),  # fully transparent: the white background shows
+        ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+        ("RGBA", (0, 0, 0, 0), (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("1", 1, (255, 255, 255)),
+    ],
+)
+def test_every_mode_becomes_rgb(mode: str, colour: object, expected: tuple[int, int, int]) -> None:
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    out = preprocess(image_bytes(colour, size=(20, 20), mode=mode, fmt=fmt), SPEC, LIMIT)  # type: ignore[arg-type]
+    np.testing.assert_allclose(out[5, 5], expected, atol=1)
+
+
+def test_palette_with_transparency() -> None:
+    image = Image.new("P", (20, 20), 0)
+    image.putpalette([200, 10, 10] + [0, 0, 0] * 255)
+    opaque = preprocess(_save(image, "PNG"), SPEC, LIMIT)
+    np.testing.assert_allclose(opaque[0, 0], (200, 10, 10))
+    transparent = preprocess(_save(image, "PNG", transparency=0), SPEC, LIMIT)
+    np.testing.assert_allclose(transparent[0, 0], (255, 255, 255))
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
+    image = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
+    out = preprocess(_save(image, "PNG"), SPEC, LIMIT)
+    np.testing.assert_allclose(out[0, 0], [40000 / 257] * 3, atol=1)
+
+
+def test_exif_orientation_is_applied() -> None:
+    # Left half red, right half blue, stored rotated with orientation 6 (rotate 90° clockwise to view).
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    pixels[:, 30:] = (0, 0, 255)
+    stored = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90)  # 60x40 -> 40x60 stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _save(stored, "JPEG", exif=exif, quality=95)
+    out = preprocess(data, replace(SPEC, height=40, width=60), LIMIT)
+    assert out[20, 5, 0] > 200 and out[20, 5, 2] < 60  # left is red again
+    assert out[20, 55, 2] > 200 and out[20, 55, 0] < 60  # right is blue
+
+
+def test_jpeg_draft_decodes_large_images_at_reduced_scale() -> None:
+    rng = np.random.default_rng(2)
+    big = Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).resize((1600, 1200))
+    data = _save(big, "JPEG", quality=90)
+    spec = Preprocessing(height=300, width=300)
+    with_draft = preprocess(data, spec, LIMIT)
+    full = preprocess(data, replace(spec, jpeg_draft=False), LIMIT)
+    assert with_draft.shape == full.shape == (300, 300, 3)
+    # Same picture, a slightly different sampling.
+    assert float(np.abs(with_draft - full).mean()) < 40
+    image = Image.open(BytesIO(data))
+    image.draft("RGB", (300, 300))
+    assert image.size == (400, 300)  # 1/4 scale: both sides still >= 300
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("RGB", (20, 20), c) for c in ((0, 255, 0), (255, 0, 0))]
+    buffer = BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    out = preprocess(buffer.getvalue(), SPEC, LIMIT)
+    assert out[0, 0, 1] > 200 and out[0, 0, 0] < 50
+
+
+def test_errors() -> None:
+    with pytest.raises(EmptyImage):
+        preprocess(b"", SPEC, LIMIT)
+    with pytest.raises(InvalidImage):
+        preprocess(b"GIF89a garbage", SPEC, LIMIT)
+    with pytest.raises(ImageTooLarge):
+        preprocess(image_bytes(0, size=(200, 100), mode="L"), SPEC, 19_999)
+    jpeg = image_bytes((1, 2, 3), size=(300, 200), fmt="JPEG")
+    with pytest.raises(InvalidImage):
+        preprocess(jpeg[: len(jpeg) // 2], SPEC, LIMIT)
