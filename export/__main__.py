@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from export.parity import Thresholds
+from export.quantize import VARIANTS
 from service.manifest import RESIZE_FILTERS
 
 
@@ -42,9 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation-count", type=int, default=32, help="at most this many validation images")
     p.add_argument("--bn-batches", type=int, default=40, help="reference only: BatchNorm re-estimation batches")
     p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="candidate variants (default: all); the fastest that passes the parity gate ships",
+    )
+    p.add_argument(
         "--quantization",
-        choices=["fp32", "dynamic", "static"],
-        help="ship this variant (it must still pass the gate) instead of the fastest passing one",
+        choices=VARIANTS,
+        help="ship this variant (it must still pass the gate): the same as --variants with one name",
     )
     d = Thresholds()
     p.add_argument(
@@ -84,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-variants",
         type=Path,
         metavar="DIR",
-        help="also write every variant as its own artifact under DIR/{fp32,dynamic,static}",
+        help="also write every variant as its own artifact under DIR/<variant>",
     )
     p.add_argument("--name", help="model name recorded in the manifest")
     p.add_argument("--seed", type=int, default=0, help="seed for the reference weights and synthetic images")
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_count=args.calibration_count,
         validation_count=args.validation_count,
         bn_batches=args.bn_batches,
-        quantization=args.quantization,
+        variants=(args.quantization,) if args.quantization else tuple(args.variants),
         thresholds=Thresholds(args.fp32_max_abs_diff, args.min_top1_agreement, args.min_cosine),
         resize=args.resize,
         jpeg_draft=not args.no_jpeg_draft,

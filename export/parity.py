@@ -20,7 +20,7 @@ _EPS = 1e-12
 @dataclass(frozen=True)
 class Thresholds:
     fp32_max_abs_diff: float = 1e-3
-    min_top1_agreement: float = 0.95
+    min_top1_agreement: float = 0.98
     min_cosine: float = 0.97
 
 

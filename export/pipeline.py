@@ -47,7 +47,7 @@ class ExportConfig:
     validation_count: int = 32
     bn_batches: int = 40
     bn_batch_size: int = 8
-    quantization: str | None = None  # force a variant instead of the selection rule
+    variants: tuple[str, ...] = quantize.VARIANTS  # the candidates; the fastest that passes ships
     thresholds: parity.Thresholds = field(default_factory=parity.Thresholds)
     resize: str = "bilinear_tf"
     jpeg_draft: bool = True
@@ -132,7 +132,10 @@ def run_export(config: ExportConfig) -> Manifest:
     proto = to_onnx(source.model)
     kind = output_kind(proto)
 
-    wanted = (config.quantization,) if config.quantization else quantize.VARIANTS
+    unknown = set(config.variants) - set(quantize.VARIANTS)
+    if unknown or not config.variants:
+        raise ValueError(f"variants must be some of {', '.join(quantize.VARIANTS)}, got {config.variants}")
+    wanted = tuple(v for v in quantize.VARIANTS if v in config.variants)
     with tempfile.TemporaryDirectory(prefix="export-") as work:
         workdir = Path(work)
         fp32_path = workdir / "fp32.onnx"
@@ -157,19 +160,14 @@ def run_export(config: ExportConfig) -> Manifest:
                 }
             )
         passing = [r for r in reports if r["passed"]]
-        if config.quantization:
-            selected = passing[0] if passing else None
-        else:
-            selected = min(passing, key=lambda r: r["latency_ms"]) if passing else None
+        selected = min(passing, key=lambda r: r["latency_ms"]) if passing else None
         _print_report(reports, selected["name"] if selected else None)
 
         report: dict[str, Any] = {
             "opset": OPSET,
             "variants": reports,
             "selected": selected["name"] if selected else None,
-            "selection_rule": f"forced with --quantization {config.quantization}"
-            if config.quantization
-            else SELECTION_RULE,
+            "selection_rule": SELECTION_RULE + f", among {', '.join(wanted)}",
             "thresholds": vars(config.thresholds) | {},
             "parity_judged_by": "top-1 agreement and probability cosine"
             if source.trained

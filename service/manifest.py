@@ -21,7 +21,7 @@ RESIZE_FILTERS = ("bilinear_tf", "bilinear", "bicubic", "nearest", "lanczos", "b
 LAYOUTS = ("NHWC", "NCHW")
 DTYPES = ("float32",)
 OUTPUT_KINDS = ("probabilities", "logits")
-QUANTIZATIONS = ("fp32", "dynamic_int8", "static_int8")
+QUANTIZATIONS = ("fp32", "dynamic_int8", "static_int8", "static_int8_u8")
 
 
 class ManifestError(ValueError):

@@ -77,8 +77,9 @@ def write_tiny_artifact(out: Path, size: int = 8) -> Manifest:
     return written
 
 
-def image_bytes(colour: tuple[int, ...] | int, size: tuple[int, int] = (64, 48), mode: str = "RGB", fmt: str = "PNG",
-                **save: object) -> bytes:
+def image_bytes(
+    colour: tuple[int, ...] | int, size: tuple[int, int] = (64, 48), mode: str = "RGB", fmt: str = "PNG", **save: object
+) -> bytes:
     buffer = BytesIO()
     Image.new(mode, size, colour).save(buffer, format=fmt, **save)  # type: ignore[arg-type]
     return buffer.getvalue()
@@ -100,11 +101,15 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_service(model_dir: Path, log: Path, python: str = sys.executable, **env: str) -> Server:
+def start_service(
+    model_dir: Path, log: Path, python: str = sys.executable, cwd: str | None = None, **env: str
+) -> Server:
     port = free_port()
     environment = {**os.environ, "MODEL_DIR": str(model_dir), "HOST": "127.0.0.1", "PORT": str(port), **env}
     with log.open("wb") as sink:
-        process = subprocess.Popen([python, "-m", "service"], cwd=ROOT, env=environment, stdout=sink, stderr=sink)
+        process = subprocess.Popen(
+            [python, "-m", "service"], cwd=cwd or ROOT, env=environment, stdout=sink, stderr=sink
+        )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -102,8 +102,9 @@ def test_bad_image_bytes_are_400(tiny_server: Server, payload: bytes, code: str)
 
 def test_empty_image_is_400(tiny_server: Server) -> None:
     _error(httpx.post(f"{tiny_server.url}/infer", files={"image": ("x.jpg", b"", "image/jpeg")}), 400, "empty_image")
-    _error(httpx.post(f"{tiny_server.url}/infer", content=b"", headers={"content-type": "image/png"}), 400,
-           "empty_image")
+    _error(
+        httpx.post(f"{tiny_server.url}/infer", content=b"", headers={"content-type": "image/png"}), 400, "empty_image"
+    )
 
 
 def test_decompression_bomb_is_refused_from_the_header(tiny_server: Server) -> None:
@@ -115,11 +116,15 @@ def test_decompression_bomb_is_refused_from_the_header(tiny_server: Server) -> N
 
 def test_upload_over_limit_is_413(tiny_server: Server) -> None:
     big = b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024)
-    _error(httpx.post(f"{tiny_server.url}/infer", content=big, headers={"content-type": "image/jpeg"}), 413,
-           "payload_too_large")
+    _error(
+        httpx.post(f"{tiny_server.url}/infer", content=big, headers={"content-type": "image/jpeg"}),
+        413,
+        "payload_too_large",
+    )
     _error(httpx.post(f"{tiny_server.url}/infer", files={"image": big}), 413, "payload_too_large")
-    _error(httpx.post(f"{tiny_server.url}/infer", json={"image": base64.b64encode(big).decode()}), 413,
-           "payload_too_large")
+    _error(
+        httpx.post(f"{tiny_server.url}/infer", json={"image": base64.b64encode(big).decode()}), 413, "payload_too_large"
+    )
 
 
 def _raw_request(server: Server, head: bytes, body_chunks: int, chunk: bytes) -> tuple[bytes, int]:
@@ -150,10 +155,7 @@ def _raw_request(server: Server, head: bytes, body_chunks: int, chunk: bytes) ->
 
 
 def test_oversized_declared_length_is_refused_before_the_body(tiny_server: Server) -> None:
-    head = (
-        b"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
-        b"Content-Length: 104857600\r\n\r\n"
-    )
+    head = b"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: 104857600\r\n\r\n"
     answer, sent = _raw_request(tiny_server, head, body_chunks=0, chunk=b"")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert sent == 0

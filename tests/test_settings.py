@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.cpus import available_cpus
+from service.settings import Settings, SettingsError
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.model_dir == Path("artifacts")
+    assert (s.host, s.port) == ("0.0.0.0", 4000)
+    assert s.threads == available_cpus() >= 1
+    assert s.max_upload_bytes == 10 * 1024 * 1024
+    assert s.max_image_pixels == 40_000_000
+    assert s.log_level == "info"
+
+
+def test_reads_every_variable() -> None:
+    env = {
+        "MODEL_DIR": "/models/x",
+        "HOST": "127.0.0.1",
+        "PORT": "8080",
+        "THREADS": "3",
+        "MAX_UPLOAD_BYTES": "1000",
+        "MAX_IMAGE_PIXELS": "2000",
+        "LOG_LEVEL": "WARNING",
+    }
+    s = Settings.from_env(env)
+    assert s == Settings(Path("/models/x"), "127.0.0.1", 8080, 3, 1000, 2000, "warning")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("PORT", "x"), ("THREADS", "0"), ("MAX_UPLOAD_BYTES", "-5"), ("LOG_LEVEL", "loud")]
+)
+def test_bad_values_name_the_variable(key: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=key):
+        Settings.from_env({key: value})
+
+
+def test_cgroup_quota_caps_the_cpu_count(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cpus(tmp_path) == min(2, available_cpus(tmp_path / "none"))
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == available_cpus(tmp_path / "none")
+
+
+def test_cgroup_v1_quota(tmp_path: Path) -> None:
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == 1

@@ -1,0 +1,89 @@
+"""Start-up: a bad artifact stops `python -m service` with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, free_port
+
+
+def _start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "MODEL_DIR": str(model_dir), "HOST": "127.0.0.1", "PORT": str(free_port()), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
+    )
+
+
+def _copy(tiny_artifact: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact, target)
+    return target
+
+
+def _assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_missing_artifact(tmp_path: Path) -> None:
+    _assert_clean_failure(_start(tmp_path / "nothing-here"), "no manifest at", "python -m export")
+
+
+def test_model_file_changed_after_export(tiny_artifact: Path, tmp_path: Path) -> None:
+    artifact = _copy(tiny_artifact, tmp_path)
+    with (artifact / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    _assert_clean_failure(_start(artifact), "sha256", "corrupt or was changed")
+
+
+def test_model_file_missing(tiny_artifact: Path, tmp_path: Path) -> None:
+    artifact = _copy(tiny_artifact, tmp_path)
+    (artifact / "model.onnx").unlink()
+    _assert_clean_failure(_start(artifact), "does not exist")
+
+
+def test_corrupt_model_with_matching_hash(tiny_artifact: Path, tmp_path: Path) -> None:
+    artifact = _copy(tiny_artifact, tmp_path)
+    (artifact / "model.onnx").write_bytes(b"not a protobuf")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    import hashlib
+
+    manifest["model"]["sha256"] = hashlib.sha256(b"not a protobuf").hexdigest()
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    _assert_clean_failure(_start(artifact), "onnxruntime cannot load")
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda m: m.pop("preprocessing"), "missing key 'preprocessing'"),
+        (lambda m: m.update(schema_version=99), "schema_version 99"),
+        (lambda m: m["input"].update(name="pixels"), "manifest says"),
+        (lambda m: m["labels"].update(count=5), "labels"),
+    ],
+)
+def test_manifest_that_does_not_match(tiny_artifact: Path, tmp_path: Path, edit: object, needle: str) -> None:
+    artifact = _copy(tiny_artifact, tmp_path)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    edit(manifest)  # type: ignore[operator]
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    _assert_clean_failure(_start(artifact), needle)
+
+
+def test_unreadable_manifest(tiny_artifact: Path, tmp_path: Path) -> None:
+    artifact = _copy(tiny_artifact, tmp_path)
+    (artifact / "manifest.json").write_text("{ not json")
+    _assert_clean_failure(_start(artifact), "cannot read")
+
+
+def test_bad_setting(tiny_artifact: Path) -> None:
+    _assert_clean_failure(_start(tiny_artifact, PORT="eighty"), "PORT")
