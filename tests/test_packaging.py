@@ -44,7 +44,9 @@ def test_serve_dockerfile_shape() -> None:
     assert 'CMD ["python", "-m", "service"]' in text
 
 
-@pytest.mark.parametrize("name", ["requirements-serve.txt", "requirements-export.txt", "requirements-dev.txt"])
+@pytest.mark.parametrize(
+    "name", ["requirements-serve.txt", "requirements-export.txt", "requirements-dev.txt", "benchmarks/requirements.txt"]
+)
 def test_requirements_are_pinned(name: str) -> None:
     for line in _requirements(name):
         assert line.startswith("-r ") or PIN.match(line), f"{name}: not pinned: {line}"

@@ -1,0 +1,50 @@
+"""Locust load test for POST /infer, sending real JPEG bytes as the original's clients do.
+
+    locust -f benchmarks/locustfile.py --host http://127.0.0.1:4000
+    locust -f benchmarks/locustfile.py --host http://127.0.0.1:4000 --headless -u 8 -r 8 -t 60s --csv out/run
+
+A request counts as a success only if the status is 200 and the JSON answer has a "class".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+
+from locust import FastHttpUser, task
+from urllib3 import encode_multipart_formdata
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.payloads import image_bytes  # noqa: E402
+
+# Encoded once, so the load generator spends its CPU on sending, not on building bodies.
+BODIES = [encode_multipart_formdata({"image": ("car.jpg", data, "image/jpeg")}) for data in image_bytes()]
+
+
+class InferUser(FastHttpUser):  # type: ignore[misc]
+    # Closed loop, no think time: each user sends its next request as soon as the last one is answered.
+
+    def on_start(self) -> None:
+        # Each user walks the whole image set from its own random offset.
+        offset = random.randrange(len(BODIES))
+        self._bodies = itertools.islice(itertools.cycle(BODIES), offset, None)
+
+    @task
+    def infer(self) -> None:
+        body, content_type = next(self._bodies)
+        with self.client.post(
+            "/infer", data=body, headers={"Content-Type": content_type}, name="/infer", catch_response=True
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
+                return
+            try:
+                answer = json.loads(response.text or "")
+            except ValueError:
+                response.failure("answer is not JSON")
+                return
+            if "class" not in answer:
+                response.failure(f"no 'class' in {answer!r}")

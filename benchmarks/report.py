@@ -1,0 +1,74 @@
+"""Turn a benchmark result into a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value}{suffix}"
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    m, p = result["machine"], result["profile"]
+    best = result["engine"]["best"]
+    lines = [
+        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
+        f"available, {m['memory_gb']} GB, Python {m['python']}.",
+        f"Load: headless Locust, {p['users']} users (closed loop, no think time), {p['duration_s']} s after a "
+        f"{p['warmup_s']} s uncounted warm-up; {result['images']['count']} distinct JPEGs from "
+        f"{result['images']['sizes'][0]} to {result['images']['sizes'][-1]}, multipart field `image`. "
+        "Locust runs on the same 2 cores as the server.",
+        "",
+        "| system | req/s | p50 ms | p95 ms | p99 ms | p99/p50 | errors | cold start s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| engine ceiling (onnxruntime alone, {best['mode']}) | {best['images_per_s']} img/s | {best['p50']} | "
+        f"{best['p95']} | {best['p99']} | | | | |",
+    ]
+    for s in result["systems"]:
+        lines.append(
+            f"| {s['system']} | {s['requests_per_s']} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | "
+            f"{_fmt(s['p99_over_p50'])} | {s['errors']} | {s['cold_start_s']} | {s['rss']['peak_mb']} |"
+        )
+    lines += ["", "Engine runs (no HTTP, no decoding):", "", "| mode | img/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['images_per_s']} | {r['p50']} | {r['p99']} |" for r in result["engine"]["runs"]]
+    if result.get("footprint"):
+        f = result["footprint"]
+        lines += [
+            "",
+            f"Installed size of a fresh venv: serve {f['serve_venv_mb']} MB, export {f['export_venv_mb']} MB.",
+        ]
+    lines += ["", "Ratios:", "", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in result["ratios"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = result["systems"]
+    names = [s["system"] for s in systems]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    throughput = [s["requests_per_s"] for s in systems]
+    left.barh(names, throughput, color="tab:blue")
+    ceiling = result["engine"]["best"]["images_per_s"]
+    left.axvline(ceiling, color="tab:red", linestyle="--", label=f"engine ceiling {ceiling} img/s")
+    left.set_xlabel("requests/s (higher is better)")
+    left.legend(loc="lower right")
+    left.invert_yaxis()
+    width = 0.27
+    for i, (key, label) in enumerate((("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"))):
+        right.barh([y + (i - 1) * width for y in range(len(systems))], [s[key] for s in systems], width, label=label)
+    right.set_yticks(range(len(systems)), names)
+    right.set_xscale("log")
+    right.set_xlabel("latency ms, log scale (lower is better)")
+    right.legend(loc="lower right")
+    right.invert_yaxis()
+    fig.suptitle(f"{result['command']}: {result['profile']['users']} concurrent clients, {result['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

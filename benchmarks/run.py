@@ -1,0 +1,303 @@
+"""Side-by-side benchmark, one run: the bare engine, our service (INT8 and FP32), and the seed's TensorFlow way.
+
+    python -m benchmarks.run                 # full run (about 12 minutes on 2 cores)
+    python -m benchmarks.run --quick         # every system, short phases (about 3 minutes): proves the harness
+
+Every HTTP system gets the same load (headless Locust, fixed users and spawn rate, fixed duration, after an
+uncounted warm-up) with the same JPEG bytes. Writes results/<name>.json, results/<name>.md, results/<name>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+from benchmarks import engine, payloads
+from benchmarks.report import write_markdown, write_plot
+from service.imaging import preprocess
+from service.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+
+
+@dataclass(frozen=True)
+class Profile:
+    users: int
+    duration_s: int
+    warmup_s: float
+    engine_s: float
+
+
+FULL = Profile(users=8, duration_s=60, warmup_s=10, engine_s=8)
+QUICK = Profile(users=8, duration_s=8, warmup_s=2, engine_s=1.5)
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fp32_artifact(quick: bool) -> Path:
+    """The FP32 variant of the shipped reference model (not committed: the repo keeps INT8 only)."""
+    out = CACHE / ("fp32-reference-quick" if quick else "fp32-reference")
+    if (out / "manifest.json").exists():
+        return out
+    command = [sys.executable, "-m", "export", "--reference", "--variants", "fp32", "--out", str(out)]
+    if quick:  # same graph, same cost; less BatchNorm re-estimation and parity work
+        command += ["--bn-batches", "2", "--calibration-count", "4", "--validation-count", "4"]
+    print(f"exporting the FP32 variant: {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def systems(fp32: Path, port: int) -> list[System]:
+    service = [sys.executable, "-m", "service"]
+    seed = [sys.executable, "-m", "uvicorn", "benchmarks.baselines.seed_server:app", "--host", "127.0.0.1"]
+    seed += ["--port", str(port), "--workers", "1", "--log-level", "warning"]
+    common = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning"}
+    return [
+        System("service-int8", service, common | {"MODEL_DIR": str(ROOT / "artifacts")}),
+        System("service-fp32", service, common | {"MODEL_DIR": str(fp32)}),
+        System("seed-tf-predict", seed, {"SEED_MODE": "predict", "TF_CPP_MIN_LOG_LEVEL": "2"}),
+        System("seed-tf-function", seed, {"SEED_MODE": "tf_function", "TF_CPP_MIN_LOG_LEVEL": "2"}),
+    ]
+
+
+def _multipart(body: bytes) -> dict[str, Any]:
+    return {"files": {"image": ("car.jpg", body, "image/jpeg")}}
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    try:
+        procs = [process, *process.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs if p.is_running())
+    except psutil.Error:
+        return 0
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.samples: list[int] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.25):
+            self.samples.append(_tree_rss(self.process))
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self.join()
+        values = [s for s in self.samples if s] or [0]
+        return {"peak_mb": round(max(values) / 2**20, 1), "mean_mb": round(float(np.mean(values)) / 2**20, 1)}
+
+
+def start(system: System, url: str, image: bytes, log: Path) -> tuple[subprocess.Popen[bytes], float]:
+    """Launch, then time until the first successful /infer: the cold start a user waits through."""
+    env = {**os.environ, **system.env}
+    launched = time.perf_counter()
+    with log.open("wb") as sink:
+        process = subprocess.Popen(system.command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = launched + 180
+    with httpx.Client(timeout=30) as client:
+        while time.perf_counter() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{system.name} exited with {process.returncode}; see {log}")
+            try:
+                if client.post(f"{url}/infer", **_multipart(image)).status_code == 200:
+                    return process, time.perf_counter() - launched
+            except httpx.TransportError:
+                time.sleep(0.02)
+    process.kill()
+    raise RuntimeError(f"{system.name} did not answer /infer within 180 s; see {log}")
+
+
+def warm_up(url: str, images: list[bytes], users: int, seconds: float) -> None:
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            k = i
+            while time.perf_counter() < stop:
+                client.post(f"{url}/infer", **_multipart(images[k % len(images)]))
+                k += users
+
+    with ThreadPoolExecutor(users) as pool:
+        list(pool.map(loop, range(users)))
+
+
+def locust(url: str, profile: Profile, prefix: Path) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
+        "-u", str(profile.users), "-r", str(profile.users), "-t", f"{profile.duration_s}s",
+        "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "10", "--loglevel", "WARNING",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == "/infer")
+    p50 = float(row["50%"])
+    return {
+        "requests": int(row["Request Count"]),
+        "errors": int(row["Failure Count"]),
+        "requests_per_s": round(float(row["Requests/s"]), 2),
+        "p50_ms": p50,
+        "p95_ms": float(row["95%"]),
+        "p99_ms": float(row["99%"]),
+        "p99_over_p50": round(float(row["99%"]) / p50, 2) if p50 else None,
+    }
+
+
+def measure_system(system: System, url: str, images: list[bytes], profile: Profile, work: Path) -> dict[str, Any]:
+    print(f"{system.name}: starting", flush=True)
+    process, cold_start = start(system, url, images[0], work / f"{system.name}.log")
+    try:
+        warm_up(url, images, profile.users, profile.warmup_s)
+        sampler = RssSampler(process.pid)
+        sampler.start()
+        load = locust(url, profile, work / system.name)
+        rss = sampler.stop()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    result = {"system": system.name, "cold_start_s": round(cold_start, 2), **load, "rss": rss}
+    print(f"{system.name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def venv_size_mb(requirements: Path, work: Path) -> float:
+    venv = work / f"venv-{requirements.stem}"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "-r", str(requirements)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
+    shutil.rmtree(venv)
+    return round(size / 2**20, 1)
+
+
+def ratios(result: dict[str, Any]) -> dict[str, float | None]:
+    by = {s["system"]: s for s in result["systems"]}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    int8, fp32 = by.get("service-int8", {}), by.get("service-fp32", {})
+    seed = by.get("seed-tf-predict", {})
+    footprint = result.get("footprint") or {}
+    return {
+        "service_int8 / engine_ceiling": ratio(int8.get("requests_per_s"), result["engine"]["best"]["images_per_s"]),
+        "service_int8 / seed_tf_predict": ratio(int8.get("requests_per_s"), seed.get("requests_per_s")),
+        "service_int8 / seed_tf_function": ratio(
+            int8.get("requests_per_s"), by.get("seed-tf-function", {}).get("requests_per_s")
+        ),
+        "service_int8 / service_fp32": ratio(int8.get("requests_per_s"), fp32.get("requests_per_s")),
+        "service_int8 p99 / p50": int8.get("p99_over_p50"),
+        "serve_venv / export_venv": ratio(footprint.get("serve_venv_mb"), footprint.get("export_venv_mb")),
+        "service_int8 cold start / seed_tf_predict cold start": ratio(
+            int8.get("cold_start_s"), seed.get("cold_start_s")
+        ),
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cores_available": engine.available_cpus(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short phases, no footprint: proves the harness")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument("--name", help="result file name (default: latest, or quick with --quick)")
+    parser.add_argument("--only", nargs="+", help="run only these systems")
+    args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    name = args.name or ("quick" if args.quick else "latest")
+
+    images = payloads.image_bytes()
+    fp32 = fp32_artifact(args.quick)
+    manifest = Manifest.read(ROOT / "artifacts")
+    inputs = np.stack([preprocess(b, manifest.preprocessing, 10**9) for b in images[:16]])
+    print("engine ceiling...", flush=True)
+    result: dict[str, Any] = {
+        "name": name,
+        "quick": args.quick,
+        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
+        "machine": machine(),
+        "profile": vars(profile),
+        "images": {"count": len(images), "sizes": [f"{w}x{h}" for w, h in payloads.SIZES]},
+        "artifact": {"sha256": manifest.model.sha256, "quantization": manifest.model.quantization},
+        "engine": engine.ceiling(ROOT / "artifacts", inputs, profile.engine_s),
+        "systems": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        port = _free_port()
+        for system in systems(fp32, port):
+            if args.only and system.name not in args.only:
+                continue
+            result["systems"].append(measure_system(system, f"http://127.0.0.1:{port}", images, profile, work))
+        if not args.quick:
+            print("footprint: fresh venvs...", flush=True)
+            result["footprint"] = {
+                "serve_venv_mb": venv_size_mb(ROOT / "requirements-serve.txt", work),
+                "export_venv_mb": venv_size_mb(ROOT / "requirements-export.txt", work),
+            }
+    result["ratios"] = ratios(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.out / f"{name}.md")
+    write_plot(result, args.out / f"{name}.png")
+    print((args.out / f"{name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The benchmark harness works end to end (--quick). It asserts that every system answered and the
+result files were written; never a speed: speed is what the harness reports, not what a test asserts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytest.importorskip("locust", reason="needs benchmarks/requirements.txt")
+pytest.importorskip("tensorflow", reason="the seed-way baseline needs TensorFlow")
+pytestmark = [pytest.mark.export, pytest.mark.slow]
+
+SYSTEMS = {"service-int8", "service-fp32", "seed-tf-predict", "seed-tf-function"}
+
+
+def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert {s["system"] for s in data["systems"]} == SYSTEMS
+    for system in data["systems"]:
+        assert system["requests"] > 0 and system["errors"] == 0, system
+        assert system["cold_start_s"] > 0 and system["rss"]["peak_mb"] > 0
+    assert data["engine"]["best"]["images_per_s"] > 0
+    assert data["ratios"]["service_int8 / engine_ceiling"] is not None
+    table = (tmp_path / "quick.md").read_text()
+    assert all(name in table for name in SYSTEMS)
+    assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG")
