@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
-from starlette.concurrency import run_in_threadpool
+import asyncio
+import time
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.errors import InvalidParameter
+from service.errors import InvalidParameter, error_response
 from service.imaging import preprocess
+from service.metrics import Metrics
 from service.model import Classifier, Scored
 from service.payload import read_image_bytes
+from service.scheduler import Admission, DeadlineExceeded, Scheduler
 from service.settings import Settings
 
 STATUS = "The car classification service is running!"
@@ -59,18 +62,40 @@ async def ping(request: Request) -> JSONResponse:
     return JSONResponse({"message": "pong"})
 
 
-def _classify(classifier: Classifier, data: bytes, max_pixels: int) -> np.ndarray:
-    pixels = preprocess(data, classifier.manifest.preprocessing, max_pixels)
-    return classifier.predict(pixels[None])[0]
+async def ready(request: Request) -> JSONResponse:
+    """Ready: the model is loaded and warmed, and the server is not shutting down (`/ping` only says alive)."""
+    if not request.app.state.ready:
+        return error_response(503, "not_ready", "the model is not loaded yet, or the server is shutting down")
+    return JSONResponse({"ready": True})
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: the next ASGI message can only be the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def infer(request: Request) -> JSONResponse:
-    settings: Settings = request.app.state.settings
-    classifier: Classifier = request.app.state.classifier
+    state = request.app.state
+    settings: Settings = state.settings
+    classifier: Classifier = state.classifier
+    scheduler: Scheduler = state.scheduler
+    metrics: Metrics = state.metrics
+    admission: Admission = state.admission
     k = _top_k(request)
-    data = await read_image_bytes(request, settings.max_upload_bytes)
-    # Decoding and inference release the GIL in Pillow and onnxruntime; keep both off the event loop.
-    probabilities = await run_in_threadpool(_classify, classifier, data, settings.max_image_pixels)
+    deadline = time.monotonic() + settings.request_timeout_s
+    with admission.admit():
+        data = await read_image_bytes(request, settings.max_upload_bytes)
+        # Decoding runs in its own bounded pool, overlapping the engine's work, never on the event loop.
+        started = time.perf_counter()
+        pixels = await asyncio.get_running_loop().run_in_executor(
+            state.decode_pool, preprocess, data, classifier.manifest.preprocessing, settings.max_image_pixels
+        )
+        metrics.decode.observe(time.perf_counter() - started)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)")
+        probabilities = await scheduler.infer(pixels, remaining, gone=_disconnected(request))
     ranked = classifier.top(probabilities, k or 1)
     body: dict[str, object] = _scored(ranked[0])
     if k is not None:

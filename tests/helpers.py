@@ -29,8 +29,12 @@ CARS = SHARED / "data" / "cars"
 TINY_LABELS = ["red", "green", "blue", "dark"]
 
 
-def tiny_onnx_model(size: int = 8) -> onnx.ModelProto:
-    """mean colour -> 4 classes: which of R, G, B dominates, or "dark". Small, real and predictable."""
+def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0) -> onnx.ModelProto:
+    """mean colour -> 4 classes: which of R, G, B dominates, or "dark". Small, real and predictable.
+
+    `busy_matmuls` adds a chain of 384x384 matrix products that depends on the input (so it cannot be
+    constant-folded) but not the answer: a model that takes real engine time, for load tests.
+    """
     w = 10.0 * np.array([[1, 0, 0, -1 / 3], [0, 1, 0, -1 / 3], [0, 0, 1, -1 / 3]], dtype=np.float32)
     b = np.array([0, 0, 0, 5.0], dtype=np.float32)
     nodes = [
@@ -40,17 +44,37 @@ def tiny_onnx_model(size: int = 8) -> onnx.ModelProto:
         helper.make_node("Add", ["mm", "b"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
     ]
+    initializers = [
+        onnx.numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+        onnx.numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
+        onnx.numpy_helper.from_array(w, "w"),
+        onnx.numpy_helper.from_array(b, "b"),
+    ]
+    if busy_matmuls:
+        rng = np.random.default_rng(0)
+        initializers += [
+            onnx.numpy_helper.from_array((rng.standard_normal((384, 384)) / 20).astype(np.float32), "m"),
+            onnx.numpy_helper.from_array(np.array([0, 1, 2, 3], dtype=np.int64), "all_axes"),
+            onnx.numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ]
+        # (batch, 1, 1, 1) * m: one 384x384 matrix per image, then the chain, then x0 onto the logits.
+        nodes[1:1] = [
+            helper.make_node("ReduceMean", ["input", "all_axes"], ["level"], keepdims=1),
+            helper.make_node("Mul", ["level", "m"], ["busy0"]),
+            *[helper.make_node("MatMul", [f"busy{i}", "m"], [f"busy{i + 1}"]) for i in range(busy_matmuls)],
+            helper.make_node("ReduceMean", [f"busy{busy_matmuls}", "axes"], ["busy_sum"], keepdims=0),
+            helper.make_node("ReduceMean", ["busy_sum", "axes_last"], ["busy_scalar"], keepdims=1),
+            helper.make_node("Mul", ["busy_scalar", "zero"], ["nothing"]),
+        ]
+        nodes[-2] = helper.make_node("Add", ["mm", "b"], ["logits_raw"])
+        nodes.insert(-1, helper.make_node("Add", ["logits_raw", "nothing"], ["logits"]))
+        initializers.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axes_last"))
     graph = helper.make_graph(
         nodes,
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", size, size, 3])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[
-            onnx.numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
-            onnx.numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
-            onnx.numpy_helper.from_array(w, "w"),
-            onnx.numpy_helper.from_array(b, "b"),
-        ],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
@@ -58,9 +82,9 @@ def tiny_onnx_model(size: int = 8) -> onnx.ModelProto:
     return model
 
 
-def write_tiny_artifact(out: Path, size: int = 8) -> Manifest:
+def write_tiny_artifact(out: Path, size: int = 8, busy_matmuls: int = 0) -> Manifest:
     model_path = out.parent / f"{out.name}-tiny.onnx"
-    onnx.save(tiny_onnx_model(size), str(model_path))
+    onnx.save(tiny_onnx_model(size, busy_matmuls), str(model_path))
     manifest = Manifest(
         name="tiny-colour-classifier",
         description="test model: dominant colour",

@@ -16,6 +16,9 @@ def test_defaults() -> None:
     assert s.max_upload_bytes == 10 * 1024 * 1024
     assert s.max_image_pixels == 40_000_000
     assert s.log_level == "info"
+    # One single-threaded engine worker per core, and no batching, unless configured.
+    assert s.workers == s.threads and s.intra_op_threads == 1
+    assert (s.max_batch, s.max_queue, s.request_timeout_s, s.decode_threads) == (1, 64, 30.0, s.threads)
 
 
 def test_reads_every_variable() -> None:
@@ -27,13 +30,29 @@ def test_reads_every_variable() -> None:
         "MAX_UPLOAD_BYTES": "1000",
         "MAX_IMAGE_PIXELS": "2000",
         "LOG_LEVEL": "WARNING",
+        "WORKERS": "1",
+        "MAX_BATCH": "8",
+        "BATCH_WAIT_MS": "5",
+        "MAX_QUEUE": "10",
+        "REQUEST_TIMEOUT_S": "2.5",
+        "DECODE_THREADS": "4",
     }
     s = Settings.from_env(env)
-    assert s == Settings(Path("/models/x"), "127.0.0.1", 8080, 3, 1000, 2000, "warning")
+    assert s == Settings(Path("/models/x"), "127.0.0.1", 8080, 3, 1000, 2000, "warning", 1, 8, 5.0, 10, 2.5, 4)
+    assert s.intra_op_threads == 3
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("PORT", "x"), ("THREADS", "0"), ("MAX_UPLOAD_BYTES", "-5"), ("LOG_LEVEL", "loud")]
+    ("key", "value"),
+    [
+        ("PORT", "x"),
+        ("THREADS", "0"),
+        ("MAX_UPLOAD_BYTES", "-5"),
+        ("LOG_LEVEL", "loud"),
+        ("WORKERS", "0"),
+        ("BATCH_WAIT_MS", "soon"),
+        ("REQUEST_TIMEOUT_S", "0"),
+    ],
 )
 def test_bad_values_name_the_variable(key: str, value: str) -> None:
     with pytest.raises(SettingsError, match=key):

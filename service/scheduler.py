@@ -1,0 +1,212 @@
+"""The inference scheduler: a bounded queue in front of WORKERS engine workers sharing one session.
+
+Requests wait in one bounded queue; each worker takes up to MAX_BATCH of them (waiting at most BATCH_WAIT_MS
+for a batch to fill), runs the shared onnxruntime session in its own thread, and resolves each request.
+On 2 cores, one single-threaded run per core beats one two-threaded run (measured: benchmarks/engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(ServiceError):
+    status_code, code = 503, "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    status_code, code = 504, "deadline_exceeded"
+
+
+class ClientDisconnected(ServiceError):
+    status_code, code = 499, "client_closed_request"
+
+
+class ShuttingDown(ServiceError):
+    status_code, code = 503, "shutting_down"
+
+
+@dataclass
+class Job:
+    pixels: np.ndarray
+    deadline: float
+    future: asyncio.Future[np.ndarray] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SchedulerHooks:
+    """Callbacks for metrics, so the scheduler does not depend on the metrics module."""
+
+    on_batch: Callable[[int, float], None] = lambda size, seconds: None
+    on_queue_depth: Callable[[int], None] = lambda depth: None
+    on_in_flight: Callable[[int], None] = lambda count: None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        *,
+        workers: int,
+        max_batch: int,
+        batch_wait_s: float,
+        max_queue: int,
+        retry_after_s: int = 1,
+        hooks: SchedulerHooks | None = None,
+    ) -> None:
+        self._predict = predict
+        self._workers = workers
+        self._max_batch = max_batch
+        self._batch_wait_s = batch_wait_s
+        self._retry_after = str(retry_after_s)
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
+        self._hooks = hooks or SchedulerHooks()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight = 0
+        self._closing = False
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
+
+    async def infer(self, pixels: np.ndarray, timeout_s: float, gone: Awaitable[None] | None = None) -> np.ndarray:
+        """Queue one (height, width, 3) image and await its probabilities.
+
+        503 if the queue is full, 504 past `timeout_s`, 499 as soon as `gone` (the client leaving) completes.
+        """
+        if self._closing:
+            raise ShuttingDown("the server is shutting down", headers={"Retry-After": self._retry_after})
+        loop = asyncio.get_running_loop()
+        job = Job(pixels, loop.time() + timeout_s, loop.create_future())
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"the inference queue is full ({self._queue.maxsize} waiting); retry shortly",
+                headers={"Retry-After": self._retry_after},
+            ) from None
+        self._hooks.on_queue_depth(self._queue.qsize())
+        watcher = asyncio.ensure_future(gone) if gone is not None else None
+        try:
+            waiting: set[asyncio.Future[Any]] = {job.future} | ({watcher} if watcher else set())
+            await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if job.future.done():
+                return job.future.result()
+            if watcher is not None and watcher.done():
+                raise ClientDisconnected("the client closed the connection before the answer")
+            raise DeadlineExceeded(f"no answer within {timeout_s:g} s (REQUEST_TIMEOUT_S)")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            # Synchronously, before any worker runs again: a job nobody waits for is skipped, not computed.
+            job.future.cancel()
+
+    async def _next_batch(self) -> list[Job]:
+        jobs = [await self._queue.get()]
+        if self._max_batch > 1:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + self._batch_wait_s
+            while len(jobs) < self._max_batch:
+                remaining = until - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+        self._hooks.on_queue_depth(self._queue.qsize())
+        return jobs
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._next_batch()
+            now = loop.time()
+            try:
+                await self._run(jobs, now)
+            finally:
+                # Only now: close() waits on join(), which must mean "answered", not "taken".
+                for _ in jobs:
+                    self._queue.task_done()
+
+    async def _run(self, jobs: list[Job], now: float) -> None:
+        loop = asyncio.get_running_loop()
+        live = []
+        for job in jobs:
+            if job.future.done():  # cancelled: the client is gone or gave up
+                continue
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
+                continue
+            live.append(job)
+        if not live:
+            return
+        batch = np.stack([job.pixels for job in live])
+        self._in_flight += len(live)
+        self._hooks.on_in_flight(self._in_flight)
+        started = time.perf_counter()
+        try:
+            probabilities = await loop.run_in_executor(self._pool, self._predict, batch)
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(live))
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        finally:
+            self._in_flight -= len(live)
+            self._hooks.on_in_flight(self._in_flight)
+        self._hooks.on_batch(len(live), time.perf_counter() - started)
+        for job, row in zip(live, probabilities, strict=True):
+            if not job.future.done():
+                job.future.set_result(row)
+
+    async def close(self) -> None:
+        """Refuse new work, answer everything already queued, then stop the workers."""
+        self._closing = True
+        await self._queue.join()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._pool.shutdown(wait=True)
+
+
+class Admission:
+    """Caps the requests inside the service (decoding, queued or in the engine): beyond it, 503 at once."""
+
+    def __init__(self, limit: int, retry_after_s: int = 1) -> None:
+        self.limit = limit
+        self.pending = 0
+        self._retry_after = str(retry_after_s)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.pending >= self.limit:
+            raise Overloaded(
+                f"{self.pending} requests are already being served (the limit is {self.limit}); retry shortly",
+                headers={"Retry-After": self._retry_after},
+            )
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
