@@ -29,7 +29,9 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loaded = classifier or await run_in_threadpool(Classifier.load, settings.model_dir, settings.intra_op_threads)
+        loaded = classifier
+        if loaded is None:
+            loaded = await run_in_threadpool(Classifier.load, settings.model_dir, settings.intra_op_threads)
         # The first run allocates and plans; pay for it before the first client does.
         await run_in_threadpool(loaded.warm_up)
         scheduler = Scheduler(
@@ -75,7 +77,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         lifespan=lifespan,
     )

@@ -95,7 +95,7 @@ async def infer(request: Request) -> JSONResponse:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)")
-        probabilities = await scheduler.infer(pixels, remaining, gone=_disconnected(request))
+        probabilities = await scheduler.infer(pixels, remaining, gone=lambda: _disconnected(request))
     ranked = classifier.top(probabilities, k or 1)
     body: dict[str, object] = _scored(ranked[0])
     if k is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from io import BytesIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
 from service.manifest import Preprocessing
@@ -40,7 +40,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise EmptyImage("the image is empty (0 bytes)")
     try:
         image = Image.open(BytesIO(data), formats=FORMATS)
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise InvalidImage(f"the data is not an image in a supported format ({', '.join(FORMATS)})") from None
     except Exception as exc:  # Pillow raises many types for corrupt headers
         raise InvalidImage(f"the image header is corrupt: {exc}") from None
@@ -119,7 +119,8 @@ def resize_bilinear_tf(pixels: np.ndarray, height: int, width: int) -> np.ndarra
     wx3 = wx[None, :, None]
     top = top_left + (top_right - top_left) * wx3
     bottom = bottom_left + (bottom_right - bottom_left) * wx3
-    return top + (bottom - top) * wy[:, None, None]
+    resized: np.ndarray = top + (bottom - top) * wy[:, None, None]
+    return resized
 
 
 def resize(image: Image.Image, spec: Preprocessing) -> np.ndarray:
@@ -134,7 +135,8 @@ def scale_values(pixels: np.ndarray, value_range: tuple[float, float]) -> np.nda
     low, high = value_range
     if (low, high) == (0.0, 255.0):
         return pixels
-    return (pixels * np.float32((high - low) / 255.0) + np.float32(low)).astype(np.float32)
+    scaled: np.ndarray = (pixels * np.float32((high - low) / 255.0) + np.float32(low)).astype(np.float32)
+    return scaled
 
 
 def preprocess(data: bytes, spec: Preprocessing, max_pixels: int) -> np.ndarray:

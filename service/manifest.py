@@ -195,9 +195,9 @@ class Manifest:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
         # JSON has no tuples; keep the on-disk form plain lists.
-        return json.loads(json.dumps(d))
+        plain: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return plain
 
     @classmethod
     def read(cls, model_dir: Path) -> Manifest:

@@ -79,17 +79,15 @@ class Scheduler:
         self._in_flight = 0
         self._closing = False
 
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
-
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
 
-    async def infer(self, pixels: np.ndarray, timeout_s: float, gone: Awaitable[None] | None = None) -> np.ndarray:
+    async def infer(
+        self, pixels: np.ndarray, timeout_s: float, gone: Callable[[], Awaitable[None]] | None = None
+    ) -> np.ndarray:
         """Queue one (height, width, 3) image and await its probabilities.
 
-        503 if the queue is full, 504 past `timeout_s`, 499 as soon as `gone` (the client leaving) completes.
+        503 if the queue is full, 504 past `timeout_s`, 499 as soon as `gone()` (the client leaving) completes.
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down", headers={"Retry-After": self._retry_after})
@@ -103,7 +101,7 @@ class Scheduler:
                 headers={"Retry-After": self._retry_after},
             ) from None
         self._hooks.on_queue_depth(self._queue.qsize())
-        watcher = asyncio.ensure_future(gone) if gone is not None else None
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
         try:
             waiting: set[asyncio.Future[Any]] = {job.future} | ({watcher} if watcher else set())
             await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

@@ -19,3 +19,13 @@ def test_ruff_check() -> None:
 def test_ruff_format() -> None:
     result = subprocess.run([str(RUFF), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_on_the_service() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mypy"), "--config-file", "pyproject.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
