@@ -18,6 +18,7 @@ from service.settings import Settings
 
 STATUS = "The car classification service is running!"
 MAX_TOP_K = 20
+UNTRAINED_SHORT = "untrained reference model: this class is not a real prediction"
 UNTRAINED_WARNING = (
     "This artifact is an untrained reference model (the real EfficientNetV2-B3 architecture with seeded random "
     "weights). Its predictions are meaningless; export your trained model with `python -m export`."
@@ -100,4 +101,6 @@ async def infer(request: Request) -> JSONResponse:
     body: dict[str, object] = _scored(ranked[0])
     if k is not None:
         body["top_k"] = [_scored(item) for item in ranked]
+    if not classifier.manifest.trained:
+        body["warning"] = UNTRAINED_SHORT
     return JSONResponse(body)

@@ -36,8 +36,9 @@ def test_a_real_car_photo_gets_a_stanford_cars_class(server: Server) -> None:
             response = httpx.post(f"{server.url}/infer", files={"image": f})
         assert response.status_code == 200, response.text
         body = response.json()
-        # Untrained weights: the class is some Stanford Cars name, not a meaningful one.
+        # Untrained weights: the class is some Stanford Cars name, not a meaningful one, and it says so.
         assert body["class"] in NAMES and 0.0 < body["score"] < 1.0
+        assert "untrained" in body["warning"]
 
 
 def test_same_image_same_answer_every_way_it_is_sent(server: Server, tmp_path: Path) -> None:
