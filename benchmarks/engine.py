@@ -52,18 +52,20 @@ def batched(artifact: Path, inputs: np.ndarray, batch: int, seconds: float) -> d
     }
 
 
-def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float) -> dict[str, Any]:
-    session, name = _session(artifact, 1)
-    session.run(None, {name: inputs[:1]})
+def run_concurrently(
+    session: ort.InferenceSession, name: str, inputs: np.ndarray, workers: int, batch: int, seconds: float
+) -> tuple[list[float], float]:
+    """`workers` threads calling `run` on one shared session for `seconds`: (latencies in ms, elapsed s)."""
+    session.run(None, {name: inputs[:batch]})
     latencies: list[list[float]] = [[] for _ in range(workers)]
     stop = time.perf_counter() + seconds
 
     def work(i: int) -> None:
         k = i
         while time.perf_counter() < stop:
-            x = inputs[k % len(inputs)][None]
+            start = (k * batch) % (len(inputs) - batch + 1)
             t = time.perf_counter()
-            session.run(None, {name: x})
+            session.run(None, {name: inputs[start : start + batch]})
             latencies[i].append((time.perf_counter() - t) * 1000)
             k += workers
 
@@ -73,12 +75,16 @@ def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float)
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
-    merged = [x for per in latencies for x in per]
+    return [x for per in latencies for x in per], time.perf_counter() - started
+
+
+def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float) -> dict[str, Any]:
+    session, name = _session(artifact, 1)
+    latencies, elapsed = run_concurrently(session, name, inputs, workers, 1, seconds)
     return {
         "mode": f"{workers} concurrent runs x 1 thread, batch 1",
-        "images_per_s": round(len(merged) / elapsed, 2),
-        **_percentiles(merged),
+        "images_per_s": round(len(latencies) / elapsed, 2),
+        **_percentiles(latencies),
     }
 
 

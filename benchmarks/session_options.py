@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import payloads
+from benchmarks.engine import run_concurrently
 from service.imaging import preprocess
 from service.manifest import Manifest
 from service.model import session_options
@@ -85,34 +85,15 @@ def measure(
     decode: Callable[[], None] | None,
 ) -> dict[str, float]:
     session = ort.InferenceSession(str(model), _options(threads, tweak), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    session.run(None, {name: inputs[:batch]})
-    counts = [0] * workers
-    stop_at = time.perf_counter() + SECONDS
-
-    def work(i: int) -> None:
-        k = i
-        while time.perf_counter() < stop_at:
-            start = (k * batch) % (len(inputs) - batch + 1)
-            session.run(None, {name: inputs[start : start + batch]})
-            counts[i] += batch
-            k += workers
-
     stop_decode = threading.Event()
     decoder = threading.Thread(target=decode, args=(stop_decode,)) if decode else None
     if decoder:
         decoder.start()
-    threads_ = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-    started = time.perf_counter()
-    for t in threads_:
-        t.start()
-    for t in threads_:
-        t.join()
-    elapsed = time.perf_counter() - started
+    latencies, elapsed = run_concurrently(session, session.get_inputs()[0].name, inputs, workers, batch, SECONDS)
     stop_decode.set()
     if decoder:
         decoder.join()
-    return {"images_per_s": round(sum(counts) / elapsed, 2)}
+    return {"images_per_s": round(len(latencies) * batch / elapsed, 2)}
 
 
 def main() -> None:

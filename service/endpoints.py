@@ -8,12 +8,12 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.errors import InvalidParameter, error_response
+from service.errors import DeadlineExceeded, InvalidParameter, error_response
 from service.imaging import preprocess
 from service.metrics import Metrics
 from service.model import Classifier, Scored
 from service.payload import read_image_bytes
-from service.scheduler import Admission, DeadlineExceeded, Scheduler
+from service.scheduler import Admission, Scheduler
 from service.settings import Settings
 
 STATUS = "The car classification service is running!"

@@ -55,6 +55,22 @@ class InvalidParameter(ServiceError):
     status_code, code = 422, "invalid_parameter"
 
 
+class Overloaded(ServiceError):
+    status_code, code = 503, "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    status_code, code = 504, "deadline_exceeded"
+
+
+class ClientDisconnected(ServiceError):
+    status_code, code = 499, "client_closed_request"
+
+
+class ShuttingDown(ServiceError):
+    status_code, code = 503, "shutting_down"
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 

@@ -18,25 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import ServiceError
+from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(ServiceError):
-    status_code, code = 503, "overloaded"
-
-
-class DeadlineExceeded(ServiceError):
-    status_code, code = 504, "deadline_exceeded"
-
-
-class ClientDisconnected(ServiceError):
-    status_code, code = 499, "client_closed_request"
-
-
-class ShuttingDown(ServiceError):
-    status_code, code = 503, "shutting_down"
 
 
 @dataclass
