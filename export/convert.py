@@ -53,5 +53,8 @@ def to_onnx(model: Any) -> onnx.ModelProto:
 def output_kind(proto: onnx.ModelProto) -> str:
     """`probabilities` if the graph ends in Softmax, else `logits` (the service applies softmax)."""
     (output,) = proto.graph.output
-    producers = [n for n in proto.graph.node if output.name in n.output]
-    return "probabilities" if producers and producers[0].op_type == "Softmax" else "logits"
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    node = producer.get(output.name)
+    while node is not None and node.op_type == "Identity":  # tf2onnx may leave Identity after the last op
+        node = producer.get(node.input[0])
+    return "probabilities" if node is not None and node.op_type == "Softmax" else "logits"

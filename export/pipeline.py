@@ -101,6 +101,10 @@ def _print_report(variants: list[dict[str, Any]], selected: str | None) -> None:
 def run_export(config: ExportConfig) -> Manifest:
     if config.reference == (config.keras_model is not None):
         raise ValueError("give exactly one of --keras-model PATH or --reference")
+    unknown = set(config.variants) - set(quantize.VARIANTS)
+    if unknown or not config.variants:
+        raise ValueError(f"variants must be some of {', '.join(quantize.VARIANTS)}, got {config.variants}")
+    wanted = tuple(v for v in quantize.VARIANTS if v in config.variants)
     source = sources.build_reference(config.seed) if config.reference else sources.load_keras_model(config.keras_model)  # type: ignore[arg-type]
     names = labels.read_names(config.labels) if config.labels else labels.stanford_cars_names()
     classes = int(source.model.outputs[0].shape[-1])
@@ -132,10 +136,6 @@ def run_export(config: ExportConfig) -> Manifest:
     proto = to_onnx(source.model)
     kind = output_kind(proto)
 
-    unknown = set(config.variants) - set(quantize.VARIANTS)
-    if unknown or not config.variants:
-        raise ValueError(f"variants must be some of {', '.join(quantize.VARIANTS)}, got {config.variants}")
-    wanted = tuple(v for v in quantize.VARIANTS if v in config.variants)
     with tempfile.TemporaryDirectory(prefix="export-") as work:
         workdir = Path(work)
         fp32_path = workdir / "fp32.onnx"

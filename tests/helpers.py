@@ -29,7 +29,7 @@ CARS = SHARED / "data" / "cars"
 TINY_LABELS = ["red", "green", "blue", "dark"]
 
 
-def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0) -> onnx.ModelProto:
+def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0, logits: bool = False) -> onnx.ModelProto:
     """mean colour -> 4 classes: which of R, G, B dominates, or "dark". Small, real and predictable.
 
     `busy_matmuls` adds a chain of 384x384 matrix products that depends on the input (so it cannot be
@@ -69,11 +69,13 @@ def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0) -> onnx.ModelProto:
         nodes[-2] = helper.make_node("Add", ["mm", "b"], ["logits_raw"])
         nodes.insert(-1, helper.make_node("Add", ["logits_raw", "nothing"], ["logits"]))
         initializers.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axes_last"))
+    if logits:  # no Softmax: the service must apply it
+        nodes = [n for n in nodes if n.op_type != "Softmax"]
     graph = helper.make_graph(
         nodes,
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", size, size, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits" if logits else "probabilities", TensorProto.FLOAT, ["batch", 4])],
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -82,9 +84,9 @@ def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0) -> onnx.ModelProto:
     return model
 
 
-def write_tiny_artifact(out: Path, size: int = 8, busy_matmuls: int = 0) -> Manifest:
+def write_tiny_artifact(out: Path, size: int = 8, busy_matmuls: int = 0, logits: bool = False) -> Manifest:
     model_path = out.parent / f"{out.name}-tiny.onnx"
-    onnx.save(tiny_onnx_model(size, busy_matmuls), str(model_path))
+    onnx.save(tiny_onnx_model(size, busy_matmuls, logits), str(model_path))
     manifest = Manifest(
         name="tiny-colour-classifier",
         description="test model: dominant colour",
@@ -92,7 +94,7 @@ def write_tiny_artifact(out: Path, size: int = 8, busy_matmuls: int = 0) -> Mani
         created_at="2026-01-01T00:00:00+00:00",
         model=placeholder_model_file("fp32", 18),
         input=TensorSpec(name="input", shape=(None, size, size, 3), layout="NHWC", dtype="float32"),
-        output=OutputSpec(name="probabilities", kind="probabilities"),
+        output=OutputSpec(name="logits", kind="logits") if logits else OutputSpec("probabilities", "probabilities"),
         preprocessing=Preprocessing(height=size, width=size),
         labels=Labels(file="", count=len(TINY_LABELS), sha256=""),
     )

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import Server, image_bytes
+from tests.helpers import Server, image_bytes, running_service, write_tiny_artifact
 
 RED = image_bytes((255, 0, 0))
 GREEN_JPEG = image_bytes((0, 200, 0), fmt="JPEG")
@@ -228,3 +229,13 @@ def test_server_keeps_serving_after_every_bad_request(tiny_server: Server) -> No
     assert httpx.post(f"{tiny_server.url}/infer", files={"image": RED}).json()["class"] == "red"
     assert tiny_server.process.poll() is None
     assert "Traceback" not in tiny_server.output()
+
+
+def test_a_logits_model_is_served_as_probabilities(tmp_path: Path) -> None:
+    out = tmp_path / "logits"
+    write_tiny_artifact(out, logits=True)
+    with running_service(out, tmp_path / "server.log") as server:
+        body = httpx.post(f"{server.url}/infer?top_k=4", files={"image": RED}).json()
+    assert body["class"] == "red"
+    assert sum(item["score"] for item in body["top_k"]) == pytest.approx(1.0, abs=1e-5)
+    assert all(0.0 <= item["score"] <= 1.0 for item in body["top_k"])
