@@ -87,3 +87,35 @@ def test_unreadable_manifest(tiny_artifact: Path, tmp_path: Path) -> None:
 
 def test_bad_setting(tiny_artifact: Path) -> None:
     _assert_clean_failure(_start(tiny_artifact, PORT="eighty"), "PORT")
+
+
+@pytest.mark.parametrize(
+    "target", [["service.app:app"], ["--factory", "service.app:create_app"]], ids=["module-app", "factory"]
+)
+def test_plain_uvicorn_entrypoints_serve(tiny_artifact: Path, tmp_path: Path, target: list[str]) -> None:
+    import time
+
+    import httpx
+
+    from tests.helpers import image_bytes
+
+    port = free_port()
+    env = {**os.environ, "MODEL_DIR": str(tiny_artifact)}
+    command = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port)]
+    with (tmp_path / "uvicorn.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (tmp_path / "uvicorn.log").read_text()
+            try:
+                response = httpx.post(f"http://127.0.0.1:{port}/infer", files={"image": image_bytes((0, 0, 250))})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "uvicorn never answered"
+                time.sleep(0.1)
+        assert response.json()["class"] == "blue"
+        assert httpx.get(f"http://127.0.0.1:{port}/ready").json() == {"ready": True}
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
