@@ -10,7 +10,6 @@ and measures held-out accuracy and top-1 agreement with Keras. Writes results/qu
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from benchmarks import machine
 from export.convert import to_onnx
 from export.parity import onnx_predict
 from export.quantize import ArrayReader
@@ -30,18 +30,6 @@ FLAVOURS = {
     "s8 weights, 7-bit (reduce_range): export variant `static`": (QuantType.QInt8, True),
     "u8 weights: export variant `static_u8`": (QuantType.QUInt8, False),
 }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_has_vnni() -> bool:
-    flags = Path("/proc/cpuinfo").read_text()
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni"))
 
 
 def main() -> None:
@@ -77,7 +65,7 @@ def main() -> None:
                     "agreement": float((pred == keras_pred).mean()),
                 }
             )
-    result = {"cpu": cpu_model(), "vnni": cpu_has_vnni(), "held_out_images": len(y_test), "rows": rows}
+    result = {"cpu": machine.cpu_model(), "vnni": machine.cpu_has_vnni(), "held_out_images": len(y_test), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quantization_weights.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [

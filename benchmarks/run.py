@@ -13,7 +13,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import httpx
 import numpy as np
 import psutil
 
-from benchmarks import engine, payloads
+from benchmarks import engine, machine, payloads
 from benchmarks.report import write_markdown, write_plot
 from service.imaging import preprocess
 from service.manifest import Manifest
@@ -261,20 +260,6 @@ def ratios(result: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu": cpu,
-        "cores_available": engine.available_cpus(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short phases, no footprint: proves the harness")
@@ -295,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
-        "machine": machine(),
+        "machine": machine.describe(),
         "profile": vars(profile),
         "images": {"count": len(images), "sizes": [f"{w}x{h}" for w, h in payloads.SIZES]},
         "artifact": {"sha256": manifest.model.sha256, "quantization": manifest.model.quantization},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -212,8 +212,6 @@ def run_export(config: ExportConfig) -> Manifest:
 
 
 def _for_variant(manifest: Manifest, report: dict[str, Any]) -> Manifest:
-    from dataclasses import replace
-
     return replace(
         manifest,
         model=placeholder_model_file(report["quantization"], OPSET),

@@ -37,40 +37,40 @@ def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0, logits: bool = False) 
     """
     w = 10.0 * np.array([[1, 0, 0, -1 / 3], [0, 1, 0, -1 / 3], [0, 0, 1, -1 / 3]], dtype=np.float32)
     b = np.array([0, 0, 0, 5.0], dtype=np.float32)
-    nodes = [
-        helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
-        helper.make_node("Mul", ["mean", "inv255"], ["scaled"]),
-        helper.make_node("MatMul", ["scaled", "w"], ["mm"]),
-        helper.make_node("Add", ["mm", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
-    ]
     initializers = [
         onnx.numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
         onnx.numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
         onnx.numpy_helper.from_array(w, "w"),
         onnx.numpy_helper.from_array(b, "b"),
     ]
+    nodes = [
+        helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
+        helper.make_node("Mul", ["mean", "inv255"], ["scaled"]),
+        helper.make_node("MatMul", ["scaled", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["raw"]),
+    ]
     if busy_matmuls:
         rng = np.random.default_rng(0)
         initializers += [
             onnx.numpy_helper.from_array((rng.standard_normal((384, 384)) / 20).astype(np.float32), "m"),
             onnx.numpy_helper.from_array(np.array([0, 1, 2, 3], dtype=np.int64), "all_axes"),
+            onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axes_last"),
             onnx.numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
         ]
         # (batch, 1, 1, 1) * m: one 384x384 matrix per image, then the chain, then x0 onto the logits.
-        nodes[1:1] = [
+        nodes += [
             helper.make_node("ReduceMean", ["input", "all_axes"], ["level"], keepdims=1),
             helper.make_node("Mul", ["level", "m"], ["busy0"]),
             *[helper.make_node("MatMul", [f"busy{i}", "m"], [f"busy{i + 1}"]) for i in range(busy_matmuls)],
             helper.make_node("ReduceMean", [f"busy{busy_matmuls}", "axes"], ["busy_sum"], keepdims=0),
             helper.make_node("ReduceMean", ["busy_sum", "axes_last"], ["busy_scalar"], keepdims=1),
             helper.make_node("Mul", ["busy_scalar", "zero"], ["nothing"]),
+            helper.make_node("Add", ["raw", "nothing"], ["logits"]),
         ]
-        nodes[-2] = helper.make_node("Add", ["mm", "b"], ["logits_raw"])
-        nodes.insert(-1, helper.make_node("Add", ["logits_raw", "nothing"], ["logits"]))
-        initializers.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axes_last"))
-    if logits:  # no Softmax: the service must apply it
-        nodes = [n for n in nodes if n.op_type != "Softmax"]
+    else:
+        nodes.append(helper.make_node("Identity", ["raw"], ["logits"]))
+    if not logits:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
     graph = helper.make_graph(
         nodes,
         "tiny",

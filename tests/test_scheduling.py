@@ -49,6 +49,12 @@ def _post(server: Server, body: bytes, timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{server.url}/infer?top_k=4", files={"image": body}, timeout=timeout)
 
 
+def _blast(server: Server, clients: int, requests: int) -> list[httpx.Response]:
+    """`requests` posts of the test images from `clients` concurrent clients."""
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda i: _post(server, IMAGES[i % len(IMAGES)]), range(requests)))
+
+
 @pytest.fixture(scope="module")
 def batching_server(busy_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "batching.log"
@@ -96,8 +102,7 @@ def test_ready_and_ping(batching_server: Server) -> None:
 def test_overload_sheds_with_503_and_recovers(busy_artifact: Path, tmp_path: Path) -> None:
     env = {"WORKERS": "1", "THREADS": "1", "MAX_QUEUE": "2", "MAX_BATCH": "1"}
     with running_service(busy_artifact, tmp_path / "server.log", **env) as server:
-        with ThreadPoolExecutor(24) as pool:
-            responses = list(pool.map(lambda i: _post(server, IMAGES[i % len(IMAGES)]), range(48)))
+        responses = _blast(server, clients=24, requests=48)
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, statuses
         assert statuses.count(200) >= 3 and statuses.count(503) >= 10, statuses
@@ -113,8 +118,7 @@ def test_overload_sheds_with_503_and_recovers(busy_artifact: Path, tmp_path: Pat
 def test_deadline_gives_504_not_500(busy_artifact: Path, tmp_path: Path) -> None:
     env = {"WORKERS": "1", "THREADS": "1", "REQUEST_TIMEOUT_S": "0.03", "MAX_QUEUE": "64"}
     with running_service(busy_artifact, tmp_path / "server.log", **env) as server:
-        with ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(lambda i: _post(server, IMAGES[i % len(IMAGES)]), range(24)))
+        responses = _blast(server, clients=12, requests=24)
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 504}, statuses
         assert 504 in statuses
