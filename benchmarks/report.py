@@ -10,6 +10,11 @@ def _fmt(value: Any, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value}{suffix}"
 
 
+def _engine_table(title: str, runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["", title, "", "| mode | img/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+    return lines + [f"| {r['mode']} | {r['images_per_s']} | {r['p50']} | {r['p99']} |" for r in runs]
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     m, p = result["machine"], result["profile"]
     best = result["engine"]["best"]
@@ -32,8 +37,24 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"| {s['system']} | {s['users']} | {s['ok_per_s']} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | "
             f"{s['p99_ms']:.0f} | {_fmt(s['p99_over_p50'])} | {errors} | {s['cold_start_s']} | {s['rss']['peak_mb']} |"
         )
-    lines += ["", "Engine runs (no HTTP, no decoding):", "", "| mode | img/s | p50 ms | p99 ms |", "|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['images_per_s']} | {r['p50']} | {r['p99']} |" for r in result["engine"]["runs"]]
+    lines += _engine_table("Engine runs (no HTTP, no decoding):", result["engine"]["runs"])
+    if result["engine"].get("decoding_runs"):
+        title = "Engine runs that first decode and resize each JPEG with the service's code (no HTTP):"
+        lines += _engine_table(title, result["engine"]["decoding_runs"])
+    bracketed = [s for s in result["systems"] if s.get("ceiling_next_to_it")]
+    if bracketed:
+        lines += [
+            "",
+            "The engine ceiling measured again right before and right after a system's load phase (same mode as "
+            "the best one above, the server up but idle):",
+            "",
+            "| system | ceiling before img/s | ceiling after img/s | mean | system answered/s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in bracketed:
+            c = s["ceiling_next_to_it"]
+            ratio = round(s["ok_per_s"] / c["mean"], 3) if c["mean"] else "n/a"
+            lines.append(f"| {s['system']} | {c['before']} | {c['after']} | {c['mean']} | {s['ok_per_s']} | {ratio} |")
     if result.get("footprint"):
         f = result["footprint"]
         lines += [

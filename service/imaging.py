@@ -6,6 +6,8 @@ images go through the very code that serves.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from io import BytesIO
 
 import numpy as np
@@ -103,30 +105,54 @@ def _bilinear_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return low, high, (centre - floor).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _ResizePlan:
+    rows_low: np.ndarray
+    rows_high: np.ndarray
+    row_weights: np.ndarray  # (height, 1)
+    columns_left: np.ndarray  # indices into a row flattened as W*C
+    columns_right: np.ndarray
+    column_weights: np.ndarray  # (1, width*C)
+
+
+@lru_cache(maxsize=256)
+def _resize_plan(in_height: int, in_width: int, channels: int, height: int, width: int) -> _ResizePlan:
+    # Photos come in a few dozen sizes; the sampling positions depend on nothing else.
+    y0, y1, wy = _bilinear_axis(in_height, height)
+    x0, x1, wx = _bilinear_axis(in_width, width)
+    offsets = np.arange(channels)
+    plan = _ResizePlan(
+        rows_low=y0,
+        rows_high=y1,
+        row_weights=wy[:, None],
+        columns_left=(x0[:, None] * channels + offsets).ravel(),
+        columns_right=(x1[:, None] * channels + offsets).ravel(),
+        column_weights=np.repeat(wx, channels)[None, :],
+    )
+    for array in vars(plan).values():
+        array.flags.writeable = False  # shared by every request of this size
+    return plan
+
+
 def resize_bilinear_tf(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize HxWxC uint8 like `tf.image.resize(x, (height, width))`: bilinear, half-pixel centres, no antialias.
 
     Trained Keras pipelines resize this way; Pillow's bilinear antialiases when it downsamples, which
     shifts the input away from what the network saw in training.
     """
-    y0, y1, wy = _bilinear_axis(pixels.shape[0], height)
-    x0, x1, wx = _bilinear_axis(pixels.shape[1], width)
     channels = pixels.shape[2]
+    plan = _resize_plan(pixels.shape[0], pixels.shape[1], channels, height, width)
     # Rows as (H, W*C) and one np.take per corner along the flattened columns: 2.5x faster than 3-D fancy
     # indexing (measured 3.0 vs 7.5 ms for 960x540 -> 300x300), with identical results.
     rows = pixels.reshape(pixels.shape[0], -1)
-    offsets = np.arange(channels)
-    left = (x0[:, None] * channels + offsets).ravel()
-    right = (x1[:, None] * channels + offsets).ravel()
-    rows0, rows1 = rows[y0], rows[y1]
-    top_left = np.take(rows0, left, axis=1).astype(np.float32)
-    top_right = np.take(rows0, right, axis=1).astype(np.float32)
-    bottom_left = np.take(rows1, left, axis=1).astype(np.float32)
-    bottom_right = np.take(rows1, right, axis=1).astype(np.float32)
-    wxc = np.repeat(wx, channels)[None, :]
-    top = top_left + (top_right - top_left) * wxc
-    bottom = bottom_left + (bottom_right - bottom_left) * wxc
-    resized: np.ndarray = (top + (bottom - top) * wy[:, None]).reshape(height, width, channels)
+    rows0, rows1 = rows[plan.rows_low], rows[plan.rows_high]
+    top_left = np.take(rows0, plan.columns_left, axis=1).astype(np.float32)
+    top_right = np.take(rows0, plan.columns_right, axis=1).astype(np.float32)
+    bottom_left = np.take(rows1, plan.columns_left, axis=1).astype(np.float32)
+    bottom_right = np.take(rows1, plan.columns_right, axis=1).astype(np.float32)
+    top = top_left + (top_right - top_left) * plan.column_weights
+    bottom = bottom_left + (bottom_right - bottom_left) * plan.column_weights
+    resized: np.ndarray = (top + (bottom - top) * plan.row_weights).reshape(height, width, channels)
     return resized
 
 

@@ -140,7 +140,8 @@ class Scheduler:
             live.append(job)
         if not live:
             return
-        batch = np.stack([job.pixels for job in live])
+        # One image (the common case unbatched) is passed as a view: no copy of its megabyte on the event loop.
+        batch = live[0].pixels[None] if len(live) == 1 else np.stack([job.pixels for job in live])
         self._in_flight += len(live)
         self._hooks.on_in_flight(self._in_flight)
         started = time.perf_counter()

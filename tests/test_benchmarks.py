@@ -43,7 +43,15 @@ def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
         if system["users"] == data["profile"]["users"]:
             assert system["errors"] == 0, system
     assert data["engine"]["best"]["images_per_s"] > 0
-    assert data["ratios"]["service_int8 / engine_ceiling"] is not None
+    assert data["engine"]["with_decoding"]["images_per_s"] > 0
+    bracket = next(s for s in data["systems"] if s["system"] == "service-int8")["ceiling_next_to_it"]
+    assert bracket["before"] > 0 and bracket["after"] > 0
+    for key in (
+        "service_int8 / engine ceiling measured next to it",
+        "service_int8 / engine ceiling at start of run",
+        "service_int8 / engine with decoding (no HTTP)",
+    ):
+        assert data["ratios"][key] is not None, key
     table = (tmp_path / "quick.md").read_text()
     assert all(name in table for name in SYSTEMS)
     assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG")
