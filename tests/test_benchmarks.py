@@ -55,3 +55,18 @@ def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
     table = (tmp_path / "quick.md").read_text()
     assert all(name in table for name in SYSTEMS)
     assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_saturation_rounds_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.saturation", "--rounds", "1", "--seconds", "1", "--load-seconds", "3",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "saturation.json").read_text())
+    (row,) = data["rounds"]
+    assert row["service_ok_per_s"] > 0 and row["service_errors"] == 0, row
+    assert row["engine_before"] > 0 and row["engine_after"] > 0 and row["engine_with_decoding"] > 0, row
+    assert set(data["median"]) == {"decoding / engine", "service / engine", "service / engine with decoding"}
+    assert "**median**" in (tmp_path / "saturation.md").read_text()
