@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +56,22 @@ def batched(artifact: Path, inputs: np.ndarray, batch: int, seconds: float) -> d
     }
 
 
-def run_concurrently(
-    session: ort.InferenceSession, name: str, inputs: np.ndarray, workers: int, batch: int, seconds: float
+def _threads_running(
+    session: ort.InferenceSession, name: str, feed: Callable[[int], np.ndarray], workers: int, seconds: float
 ) -> tuple[list[float], float]:
-    """`workers` threads calling `run` on one shared session for `seconds`: (latencies in ms, elapsed s)."""
-    session.run(None, {name: inputs[:batch]})
+    """`workers` threads calling `run(feed(k))` on one shared session for `seconds`: (latencies ms, elapsed s).
+
+    Thread i feeds k = i, i + workers, i + 2 * workers, ...; a latency covers `feed` and `run` both.
+    """
+    session.run(None, {name: feed(0)})
     latencies: list[list[float]] = [[] for _ in range(workers)]
     stop = time.perf_counter() + seconds
 
     def work(i: int) -> None:
         k = i
         while time.perf_counter() < stop:
-            start = (k * batch) % (len(inputs) - batch + 1)
             t = time.perf_counter()
-            session.run(None, {name: inputs[start : start + batch]})
+            session.run(None, {name: feed(k)})
             latencies[i].append((time.perf_counter() - t) * 1000)
             k += workers
 
@@ -79,6 +82,18 @@ def run_concurrently(
     for t in threads:
         t.join()
     return [x for per in latencies for x in per], time.perf_counter() - started
+
+
+def run_concurrently(
+    session: ort.InferenceSession, name: str, inputs: np.ndarray, workers: int, batch: int, seconds: float
+) -> tuple[list[float], float]:
+    """`workers` threads calling `run` on one shared session for `seconds`: (latencies in ms, elapsed s)."""
+
+    def feed(k: int) -> np.ndarray:
+        start = (k * batch) % (len(inputs) - batch + 1)
+        return inputs[start : start + batch]
+
+    return _threads_running(session, name, feed, workers, seconds)
 
 
 def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float) -> dict[str, Any]:
@@ -104,30 +119,16 @@ def with_decoding(artifact: Path, images: list[bytes], workers: int, seconds: fl
     """`workers` threads, each decoding and resizing a JPEG with the service's code, then running it."""
     session, name = _session(artifact, 1)
     spec = Manifest.read(artifact).preprocessing
-    session.run(None, {name: preprocess(images[0], spec, 10**9)[None]})
-    latencies: list[list[float]] = [[] for _ in range(workers)]
-    stop = time.perf_counter() + seconds
 
-    def work(i: int) -> None:
-        k = i
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
-            session.run(None, {name: preprocess(images[k % len(images)], spec, 10**9)[None]})
-            latencies[i].append((time.perf_counter() - t) * 1000)
-            k += workers
+    def feed(k: int) -> np.ndarray:
+        return preprocess(images[k % len(images)], spec, 10**9)[None]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    done = [x for per in latencies for x in per]
+    latencies, elapsed = _threads_running(session, name, feed, workers, seconds)
     return {
         "mode": f"{workers} concurrent decode+run x 1 thread, batch 1",
-        "images_per_s": round(len(done) / (time.perf_counter() - started), 2),
+        "images_per_s": round(len(latencies) / elapsed, 2),
         "params": {"workers": workers},
-        **_percentiles(done),
+        **_percentiles(latencies),
     }
 
 

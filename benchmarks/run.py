@@ -152,6 +152,15 @@ def start(system: System, url: str, image: bytes, log: Path) -> tuple[subprocess
     raise RuntimeError(f"{system.name} did not answer /infer within 180 s; see {log}")
 
 
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the service drains and exits), then a kill if it does not exit within 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def warm_up(url: str, images: list[bytes], users: int, seconds: float) -> None:
     stop = time.perf_counter() + seconds
 
@@ -224,11 +233,7 @@ def measure_system(
         if ceiling is not None:
             bracket["after"] = ceiling()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
     result = {"system": system.name, "cold_start_s": round(cold_start, 2), **load, "rss": rss}
     if bracket:
         result["ceiling_next_to_it"] = {

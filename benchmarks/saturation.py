@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import engine, machine, payloads
-from benchmarks.run import ROOT, Profile, System, _free_port, locust, start, warm_up
+from benchmarks.run import ROOT, Profile, System, _free_port, locust, start, stop, warm_up
 from service.cpus import available_cpus
 from service.imaging import preprocess
 from service.manifest import Manifest
@@ -61,11 +60,7 @@ def _round(
         warm_up(url, images, 8, 3)
         load = locust(url, Profile(users=8, duration_s=load_s, warmup_s=0, engine_s=0), 8, work / f"round-{index}")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
     after = _ceiling(artifact, inputs, cores, seconds)
     ceiling = (before + after) / 2
     row = {
