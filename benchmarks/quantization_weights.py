@@ -9,7 +9,6 @@ and measures held-out accuracy and top-1 agreement with Keras. Writes results/qu
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from benchmarks import machine
+from benchmarks.report import save
 from export.convert import to_onnx
 from export.parity import onnx_predict
 from export.quantize import ArrayReader
@@ -66,8 +66,6 @@ def main() -> None:
                 }
             )
     result = {"cpu": machine.cpu_model(), "vnni": machine.cpu_has_vnni(), "held_out_images": len(y_test), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantization_weights.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"Digits CNN, {len(y_test)} held-out images, on {result['cpu']} (VNNI: {'yes' if result['vnni'] else 'no'}).",
         "Command: `python -m benchmarks.quantization_weights`",
@@ -76,8 +74,7 @@ def main() -> None:
         "|---|---|---|",
         *(f"| {r['weights']} | {r['accuracy']:.4f} | {r['agreement']:.4f} |" for r in rows),
     ]
-    (RESULTS / "quantization_weights.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(RESULTS, "quantization_weights", result, lines)
 
 
 if __name__ == "__main__":

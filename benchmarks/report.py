@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ def _engine_table(title: str, runs: list[dict[str, Any]]) -> list[str]:
     return lines + [f"| {r['mode']} | {r['images_per_s']} | {r['p50']} | {r['p99']} |" for r in runs]
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> None:
+def markdown(result: dict[str, Any]) -> list[str]:
     m, p = result["machine"], result["profile"]
     best = result["engine"]["best"]
     lines = [
@@ -63,7 +64,15 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         ]
     lines += ["", "Ratios:", "", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in result["ratios"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def save(out: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
+    """Write out/<name>.json and out/<name>.md (the table), and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:

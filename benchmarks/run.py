@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 
 from benchmarks import engine, machine, payloads
-from benchmarks.report import write_markdown, write_plot
+from benchmarks.report import markdown, save, write_plot
 from service.imaging import preprocess
 from service.manifest import Manifest
 
@@ -344,11 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                 "export_venv_mb": venv_size_mb(ROOT / "requirements-export.txt", work),
             }
     result["ratios"] = ratios(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out / f"{name}.md")
+    save(args.out, name, result, markdown(result))
     write_plot(result, args.out / f"{name}.png")
-    print((args.out / f"{name}.md").read_text())
     return 0
 
 

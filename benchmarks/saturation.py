@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import engine, machine, payloads
+from benchmarks.report import save
 from benchmarks.run import ROOT, Profile, System, _free_port, locust, start, stop, warm_up
 from service.cpus import available_cpus
 from service.imaging import preprocess
@@ -82,7 +83,7 @@ def _round(
 RATIOS = ("decoding / engine", "service / engine", "service / engine with decoding")
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> None:
+def markdown(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     lines = [
         f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
@@ -101,7 +102,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         )
     median = result["median"]
     lines.append("| **median** | | | | | " + " | ".join(f"**{median[k]}**" for k in RATIOS) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "median": {k: round(statistics.median(r[k] for r in rounds), 3) for k in RATIOS},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out / f"{args.name}.md")
-    print((args.out / f"{args.name}.md").read_text())
+    save(args.out, args.name, result, markdown(result))
     return 0
 
 

@@ -9,7 +9,6 @@ the service decoding competes with the engine for the same cores. Writes results
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import onnxruntime as ort
 
 from benchmarks import payloads
 from benchmarks.engine import run_concurrently
+from benchmarks.report import save
 from service.imaging import preprocess
 from service.manifest import Manifest
 from service.model import session_options
@@ -107,8 +107,6 @@ def main() -> None:
         busy = measure(model, inputs, workers, threads, batch, tweak, lambda stop: decode_load(stop, images, manifest))
         rows.append({"config": name, "engine_only": alone["images_per_s"], "with_decoding": busy["images_per_s"]})
         print(rows[-1], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "session_options.json").write_text(json.dumps({"seconds": SECONDS, "rows": rows}, indent=2) + "\n")
     lines = [
         f"Shipped INT8 artifact, {SECONDS:g} s per run. Command: `python -m benchmarks.session_options`",
         "",
@@ -116,8 +114,7 @@ def main() -> None:
         "|---|---|---|",
         *(f"| {r['config']} | {r['engine_only']} | {r['with_decoding']} |" for r in rows),
     ]
-    (RESULTS / "session_options.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(RESULTS, "session_options", {"seconds": SECONDS, "rows": rows}, lines)
 
 
 if __name__ == "__main__":
