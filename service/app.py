@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -18,6 +17,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.model import Classifier
 from service.scheduler import Admission, Scheduler
 from service.settings import Settings
+from service.threads import named_pool
 
 log = logging.getLogger("service")
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
             hooks=metrics.scheduler_hooks(),
         )
         scheduler.start()
-        decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        decode_pool = named_pool(settings.decode_threads, "decode")
         metrics.describe_model(loaded.manifest)
         app.state.classifier = loaded
         app.state.scheduler = scheduler

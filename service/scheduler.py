@@ -12,13 +12,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, ShuttingDown
+from service.threads import named_pool
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Scheduler:
         self._retry_after = str(retry_after_s)
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self._hooks = hooks or SchedulerHooks()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._pool = named_pool(workers, "inference")
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         self._closing = False

@@ -99,6 +99,16 @@ def test_ready_and_ping(batching_server: Server) -> None:
     assert httpx.get(f"{batching_server.url}/ping").json() == {"message": "pong"}
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="OS thread names are read from Linux /proc")
+def test_pool_threads_carry_their_names_to_the_os(batching_server: Server) -> None:
+    # `top -H` and the benchmarks' CPU accounting tell the engine's threads from the decoders by these names.
+    _blast(batching_server, clients=4, requests=8)
+    tasks = Path(f"/proc/{batching_server.process.pid}/task")
+    names = sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+    assert {"inference_0", "inference_1"} <= set(names), names
+    assert "decode_0" in names, names
+
+
 def test_overload_sheds_with_503_and_recovers(busy_artifact: Path, tmp_path: Path) -> None:
     env = {"WORKERS": "1", "THREADS": "1", "MAX_QUEUE": "2", "MAX_BATCH": "1"}
     with running_service(busy_artifact, tmp_path / "server.log", **env) as server:
