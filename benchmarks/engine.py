@@ -58,10 +58,11 @@ def batched(artifact: Path, inputs: np.ndarray, batch: int, seconds: float) -> d
 
 def _threads_running(
     session: ort.InferenceSession, name: str, feed: Callable[[int], np.ndarray], workers: int, seconds: float
-) -> tuple[list[float], float]:
-    """`workers` threads calling `run(feed(k))` on one shared session for `seconds`: (latencies ms, elapsed s).
+) -> tuple[list[float], float, float]:
+    """`workers` threads calling `run(feed(k))` on one shared session for `seconds`.
 
     Thread i feeds k = i, i + workers, i + 2 * workers, ...; a latency covers `feed` and `run` both.
+    Returns (latencies in ms, elapsed s, this process's CPU s meanwhile).
     """
     session.run(None, {name: feed(0)})
     latencies: list[list[float]] = [[] for _ in range(workers)]
@@ -76,18 +77,19 @@ def _threads_running(
             k += workers
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return [x for per in latencies for x in per], time.perf_counter() - started
+    latencies_ms = [x for per in latencies for x in per]
+    return latencies_ms, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def run_concurrently(
     session: ort.InferenceSession, name: str, inputs: np.ndarray, workers: int, batch: int, seconds: float
-) -> tuple[list[float], float]:
-    """`workers` threads calling `run` on one shared session for `seconds`: (latencies in ms, elapsed s)."""
+) -> tuple[list[float], float, float]:
+    """`workers` threads calling `run` on one shared session for `seconds`: (latencies ms, elapsed s, CPU s)."""
 
     def feed(k: int) -> np.ndarray:
         start = (k * batch) % (len(inputs) - batch + 1)
@@ -98,10 +100,11 @@ def run_concurrently(
 
 def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float) -> dict[str, Any]:
     session, name = _session(artifact, 1)
-    latencies, elapsed = run_concurrently(session, name, inputs, workers, 1, seconds)
+    latencies, elapsed, cpu_s = run_concurrently(session, name, inputs, workers, 1, seconds)
     return {
         "mode": f"{workers} concurrent runs x 1 thread, batch 1",
         "images_per_s": round(len(latencies) / elapsed, 2),
+        "cpu_ms_per_image": round(cpu_s * 1000 / len(latencies), 2),
         "params": {"workers": workers},
         **_percentiles(latencies),
     }
@@ -123,10 +126,11 @@ def with_decoding(artifact: Path, images: list[bytes], workers: int, seconds: fl
     def feed(k: int) -> np.ndarray:
         return preprocess(images[k % len(images)], spec, 10**9)[None]
 
-    latencies, elapsed = _threads_running(session, name, feed, workers, seconds)
+    latencies, elapsed, cpu_s = _threads_running(session, name, feed, workers, seconds)
     return {
         "mode": f"{workers} concurrent decode+run x 1 thread, batch 1",
         "images_per_s": round(len(latencies) / elapsed, 2),
+        "cpu_ms_per_image": round(cpu_s * 1000 / len(latencies), 2),
         "params": {"workers": workers},
         **_percentiles(latencies),
     }

@@ -186,13 +186,20 @@ def _statuses(prefix: Path) -> dict[str, int]:
     return counts
 
 
-def locust(url: str, profile: Profile, users: int, prefix: Path) -> dict[str, Any]:
+def locust(
+    url: str, profile: Profile, users: int, prefix: Path, during: Callable[[int], Any] | None = None
+) -> dict[str, Any]:
+    """Headless Locust against `url`; `during(locust_pid)`, if given, runs while it does and its result is kept."""
     command = [
         sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
         "-u", str(users), "-r", str(users), "-t", f"{profile.duration_s}s",
         "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "10", "--loglevel", "WARNING",
     ]  # fmt: skip
-    subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        observed = during(process.pid) if during is not None else None
+    finally:
+        process.wait()
     with open(f"{prefix}_stats.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["Name"] == "/infer")
     p50 = float(row["50%"])
@@ -208,6 +215,7 @@ def locust(url: str, profile: Profile, users: int, prefix: Path) -> dict[str, An
         "p95_ms": float(row["95%"]),
         "p99_ms": float(row["99%"]),
         "p99_over_p50": round(float(row["99%"]) / p50, 2) if p50 else None,
+        **({"window": observed} if observed is not None else {}),
     }
 
 

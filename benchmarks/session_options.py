@@ -89,7 +89,7 @@ def measure(
     decoder = threading.Thread(target=decode, args=(stop_decode,)) if decode else None
     if decoder:
         decoder.start()
-    latencies, elapsed = run_concurrently(session, session.get_inputs()[0].name, inputs, workers, batch, SECONDS)
+    latencies, elapsed, _ = run_concurrently(session, session.get_inputs()[0].name, inputs, workers, batch, SECONDS)
     stop_decode.set()
     if decoder:
         decoder.join()

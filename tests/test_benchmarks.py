@@ -59,14 +59,44 @@ def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
 
 def test_saturation_rounds_run(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.saturation", "--rounds", "1", "--seconds", "1", "--load-seconds", "3",
+        [sys.executable, "-m", "benchmarks.saturation", "--rounds", "1", "--seconds", "1", "--load-seconds", "11",
          "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "saturation.json").read_text())
     (row,) = data["rounds"]
-    assert row["service_ok_per_s"] > 0 and row["service_errors"] == 0, row
+    assert row["service_answered_per_s"] > 0 and row["service_locust_ok_per_s"] > 0, row
+    assert row["service_errors"] == 0, row
     assert row["engine_before"] > 0 and row["engine_after"] > 0 and row["engine_with_decoding"] > 0, row
-    assert set(data["median"]) == {"decoding / engine", "service / engine", "service / engine with decoding"}
+    assert set(data["median"]) == {
+        "decoding / engine",
+        "service / engine",
+        "service / engine with decoding",
+        "service (Locust's count) / engine",
+        "engine CPU per image / service CPU per request",
+    }
+    cpu = row["cpu_ms"]
+    assert cpu["engine per image"] > 0 and cpu["engine with decoding per image"] > cpu["engine per image"] * 0.5
+    # The service's CPU is found by thread: the engine's work is on the inference threads, the JPEGs on decode.
+    service = cpu["service per request"]
+    assert service["inference"] > service["decode"] > 0, service
+    assert service["event loop"] > 0 and service["load generator"] > 0, service
     assert "**median**" in (tmp_path / "saturation.md").read_text()
+
+
+def test_ab_compares_service_configurations(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "--variant", "", "--variant", "WORKERS=1", "--rounds", "1",
+         "--seconds", "12", "--out", str(tmp_path), "--name", "ab"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "ab.json").read_text())
+    defaults, one_worker = data["summary"]
+    assert (defaults["variant"], one_worker["variant"]) == ("defaults", "WORKERS=1")
+    assert defaults["throughput / first"] == 1.0 and one_worker["throughput / first"] > 0
+    for summary in data["summary"]:
+        assert summary["errors"] == 0 and summary["answered_per_s"] > 0, summary
+        assert summary["cpu_ms_per_request"]["inference"] > summary["cpu_ms_per_request"]["decode"] > 0, summary
+    assert "WORKERS=1" in (tmp_path / "ab.md").read_text()

@@ -1,0 +1,79 @@
+"""Where the CPU goes: per-thread CPU time of a process from Linux /proc, grouped by what the thread does.
+
+Throughput on these shared machines drifts by 10-20% within minutes; CPU seconds per answered request
+drift much less, and they say which part of the service pays for what. The service names its threads
+(`inference_0`, `decode_1`: service/threads.py); its main thread runs the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+ROLES = ("inference", "decode", "event loop", "other")
+
+
+def _role(name: str, main: bool) -> str:
+    if main:
+        return "event loop"
+    prefix = name.rstrip("0123456789").rstrip("_")
+    return prefix if prefix in ("inference", "decode") else "other"
+
+
+def _cpu_s(stat: str) -> float:
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime, fields 14 and 15 of proc(5)
+
+
+def _machine() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return values[3] + values[4], sum(values)  # (idle + iowait, all) in ticks
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    at: float
+    by_role: dict[str, float]
+    machine_idle: int
+    machine_total: int
+    others: dict[int, float] = field(default_factory=dict)  # whole-process CPU of other watched pids
+
+
+def snapshot(pid: int, others: tuple[int, ...] = ()) -> Snapshot:
+    by_role: Counter[str] = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            by_role[_role(name, task.name == str(pid))] += _cpu_s((task / "stat").read_text())
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+    watched = {}
+    for other in others:
+        try:
+            watched[other] = _cpu_s(Path(f"/proc/{other}/stat").read_text())
+        except (FileNotFoundError, ProcessLookupError):
+            watched[other] = 0.0
+    idle, total = _machine()
+    return Snapshot(time.perf_counter(), dict(by_role), idle, total, watched)
+
+
+def per_item_ms(before: Snapshot, after: Snapshot, items: int) -> dict[str, float]:
+    """CPU milliseconds per item between two snapshots: each role, each watched pid, and the total."""
+    if items <= 0:
+        return {}
+    out = {role: (after.by_role.get(role, 0.0) - before.by_role.get(role, 0.0)) * 1000 / items for role in ROLES}
+    for pid, seconds in after.others.items():
+        out[f"pid {pid}"] = (seconds - before.others.get(pid, 0.0)) * 1000 / items
+    out["total"] = sum(out.values())
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def machine_idle(before: Snapshot, after: Snapshot) -> float:
+    """The share of the whole machine's CPU time that nobody used between two snapshots."""
+    total = after.machine_total - before.machine_total
+    return round((after.machine_idle - before.machine_idle) / total, 4) if total else 0.0
