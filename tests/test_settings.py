@@ -18,7 +18,10 @@ def test_defaults() -> None:
     assert s.log_level == "info"
     # One single-threaded engine worker per core, and no batching, unless configured.
     assert s.workers == s.threads and s.intra_op_threads == 1
-    assert (s.max_batch, s.max_queue, s.request_timeout_s, s.decode_threads) == (1, 64, 30.0, s.threads)
+    assert (s.max_batch, s.max_queue, s.request_timeout_s) == (1, 64, 30.0)
+    # One decoder per 4 engine cores, at least one (measured: benchmarks/results/ab-decode-threads*.md).
+    assert s.decode_threads == max(1, -(-s.threads // 4))
+    assert [Settings.from_env({"THREADS": str(n)}).decode_threads for n in (1, 2, 4, 5, 8, 16)] == [1, 1, 1, 2, 2, 4]
 
 
 def test_reads_every_variable() -> None:
