@@ -56,6 +56,22 @@ def markdown(result: dict[str, Any]) -> list[str]:
             c = s["ceiling_next_to_it"]
             ratio = round(s["ok_per_s"] / c["mean"], 3) if c["mean"] else "n/a"
             lines.append(f"| {s['system']} | {c['before']} | {c['after']} | {c['mean']} | {s['ok_per_s']} | {ratio} |")
+        windows = [s for s in bracketed if s.get("window")]
+        if windows:
+            lines += [
+                "",
+                "Steady-state window of the same load phase (answers counted by the service's /metrics), and CPU "
+                "milliseconds per answered request by thread (and the Locust process):",
+                "",
+                "| system | window s | answered/s | inference | decode | event loop | Locust | machine idle |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for s in windows:
+                w, c = s["window"], s["window"]["cpu_ms_per_request"]
+                lines.append(
+                    f"| {s['system']} | {w['seconds']} | {w['answered_per_s']} | {c.get('inference')} | "
+                    f"{c.get('decode')} | {c.get('event loop')} | {c.get('load generator')} | {w['machine_idle']:.1%} |"
+                )
     if result.get("footprint"):
         f = result["footprint"]
         lines += [

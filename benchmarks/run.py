@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 import psutil
 
-from benchmarks import engine, machine, payloads
+from benchmarks import engine, machine, payloads, window
 from benchmarks.report import markdown, save, write_plot
 from service.imaging import preprocess
 from service.manifest import Manifest
@@ -236,7 +236,14 @@ def measure_system(
             bracket["before"] = ceiling()
         sampler = RssSampler(process.pid)
         sampler.start()
-        load = locust(url, profile, profile.users * system.users_factor, work / system.name.replace(" ", "_"))
+        # The bracketed system is our own service: its /metrics gives a steady-state window and CPU by thread.
+        during = (
+            (lambda pid: window.measure(url, process.pid, pid, 2.0, profile.duration_s - 6.0))
+            if ceiling is not None
+            else None
+        )
+        users = profile.users * system.users_factor
+        load = locust(url, profile, users, work / system.name.replace(" ", "_"), during=during)
         rss = sampler.stop()
         if ceiling is not None:
             bracket["after"] = ceiling()
@@ -280,6 +287,9 @@ def ratios(result: dict[str, Any]) -> dict[str, float | None]:
     next_to_it = (int8.get("ceiling_next_to_it") or {}).get("mean")
     return {
         "service_int8 / engine ceiling measured next to it": ratio(int8.get("ok_per_s"), next_to_it),
+        "service_int8 steady-state window / engine ceiling measured next to it": ratio(
+            (int8.get("window") or {}).get("answered_per_s"), next_to_it
+        ),
         "service_int8 / engine ceiling at start of run": ratio(
             int8.get("ok_per_s"), result["engine"]["best"]["images_per_s"]
         ),
