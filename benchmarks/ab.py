@@ -18,17 +18,15 @@ import statistics
 import sys
 import tempfile
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchmarks import machine, payloads, window
 from benchmarks.report import save
-from benchmarks.run import ROOT, Profile, System, _free_port, locust, start, stop, warm_up
+from benchmarks.run import service_under_load
 
 HERE = Path(__file__).resolve().parent
 USERS = 8
-SETTLE_S = 2.0
 ROLES = ("inference", "decode", "event loop", "other", "load generator")
 
 
@@ -46,28 +44,6 @@ def label(env: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
 
 
-def measure(env: dict[str, str], images: list[bytes], seconds: int, work: Path, tag: str) -> dict[str, Any]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
-    system = System(tag, [sys.executable, "-m", "service"], {**base, **env})
-    process, _ = start(system, url, images[0], work / f"{tag}.log")
-    try:
-        warm_up(url, images, USERS, 3)
-        # The window ends well before Locust does: it starts after Locust's first answers plus SETTLE_S.
-        observe = partial(window.measure, url, process.pid, settle_s=SETTLE_S, seconds=seconds - SETTLE_S - 4)
-        load = locust(
-            url,
-            Profile(users=USERS, duration_s=seconds, warmup_s=0, engine_s=0),
-            USERS,
-            work / tag,
-            during=lambda pid: observe(load_pid=pid),
-        )
-    finally:
-        stop(process)
-    return load
-
-
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -80,10 +56,8 @@ def summarize(variants: list[dict[str, str]], rounds: list[dict[str, Any]]) -> l
         firsts = [r["runs"][label(variants[0])] for r in rounds]
         windows, first_windows = [r["window"] for r in runs], [r["window"] for r in firsts]
         cpu = {role: statistics.median(w["cpu_ms_per_request"][role] for w in windows) for role in ROLES}
-        total = [w["cpu_ms_per_request"]["service"] + w["cpu_ms_per_request"]["load generator"] for w in windows]
-        first_total = [
-            w["cpu_ms_per_request"]["service"] + w["cpu_ms_per_request"]["load generator"] for w in first_windows
-        ]
+        total = [w["cpu_ms_per_request"]["all"] for w in windows]
+        first_total = [w["cpu_ms_per_request"]["all"] for w in first_windows]
         throughput = [
             _ratio(w["answered_per_s"], f["answered_per_s"]) for w, f in zip(windows, first_windows, strict=True)
         ]
@@ -140,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     variants: list[dict[str, str]] = args.variant
     if len(variants) < 2 or len({label(v) for v in variants}) != len(variants):
         parser.error("give at least two different --variant")
-    if args.seconds < SETTLE_S + 10:
-        parser.error(f"--seconds must be at least {SETTLE_S + 10:g}")
+    if args.seconds < window.SETTLE_S + window.TAIL_S + 6:
+        parser.error(f"--seconds must be at least {window.SETTLE_S + window.TAIL_S + 6:g}")
 
     images = payloads.image_bytes()
     rounds = []
@@ -150,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             order = variants if i % 2 == 0 else variants[::-1]
             runs = {}
             for j, env in enumerate(order):
-                runs[label(env)] = measure(env, images, args.seconds, Path(tmp), f"round{i}-{j}")
+                runs[label(env)] = service_under_load(env, images, args.seconds, Path(tmp), f"round{i}-{j}", USERS)
                 print(f"round {i} {label(env)}: {runs[label(env)]['window']}", flush=True)
             rounds.append({"round": i, "order": [label(v) for v in order], "runs": runs})
     given = sys.argv[1:] if argv is None else argv

@@ -7,10 +7,11 @@ drift much less, and they say which part of the service pays for what. The servi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -41,10 +42,10 @@ class Snapshot:
     by_role: dict[str, float]
     machine_idle: int
     machine_total: int
-    others: dict[int, float] = field(default_factory=dict)  # whole-process CPU of other watched pids
+    load_generator: float = 0.0  # whole-process CPU s of the load generator, if one is watched
 
 
-def snapshot(pid: int, others: tuple[int, ...] = ()) -> Snapshot:
+def snapshot(pid: int, load_pid: int | None = None) -> Snapshot:
     by_role: defaultdict[str, float] = defaultdict(float)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -52,24 +53,23 @@ def snapshot(pid: int, others: tuple[int, ...] = ()) -> Snapshot:
             by_role[_role(name, task.name == str(pid))] += _cpu_s((task / "stat").read_text())
         except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
             continue
-    watched = {}
-    for other in others:
-        try:
-            watched[other] = _cpu_s(Path(f"/proc/{other}/stat").read_text())
-        except (FileNotFoundError, ProcessLookupError):
-            watched[other] = 0.0
+    load = 0.0
+    if load_pid is not None:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it has exited
+            load = _cpu_s(Path(f"/proc/{load_pid}/stat").read_text())
     idle, total = _machine()
-    return Snapshot(time.perf_counter(), dict(by_role), idle, total, watched)
+    return Snapshot(time.perf_counter(), dict(by_role), idle, total, load)
 
 
 def per_item_ms(before: Snapshot, after: Snapshot, items: int) -> dict[str, float]:
-    """CPU milliseconds per item between two snapshots: each role, each watched pid, and the total."""
+    """CPU milliseconds per item between two snapshots: each role, the service (all roles), the load
+    generator, and all of it."""
     if items <= 0:
         return {}
     out = {role: (after.by_role.get(role, 0.0) - before.by_role.get(role, 0.0)) * 1000 / items for role in ROLES}
-    for pid, seconds in after.others.items():
-        out[f"pid {pid}"] = (seconds - before.others.get(pid, 0.0)) * 1000 / items
-    out["total"] = sum(out.values())
+    out["service"] = sum(out.values())
+    out["load generator"] = (after.load_generator - before.load_generator) * 1000 / items
+    out["all"] = out["service"] + out["load generator"]
     return {k: round(v, 2) for k, v in out.items()}
 
 

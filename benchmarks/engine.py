@@ -98,16 +98,20 @@ def run_concurrently(
     return _threads_running(session, name, feed, workers, seconds)
 
 
-def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float) -> dict[str, Any]:
-    session, name = _session(artifact, 1)
-    latencies, elapsed, cpu_s = run_concurrently(session, name, inputs, workers, 1, seconds)
+def _concurrent_result(mode: str, workers: int, latencies: list[float], elapsed: float, cpu_s: float) -> dict[str, Any]:
     return {
-        "mode": f"{workers} concurrent runs x 1 thread, batch 1",
+        "mode": mode,
         "images_per_s": round(len(latencies) / elapsed, 2),
         "cpu_ms_per_image": round(cpu_s * 1000 / len(latencies), 2),
         "params": {"workers": workers},
         **_percentiles(latencies),
     }
+
+
+def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float) -> dict[str, Any]:
+    session, name = _session(artifact, 1)
+    timed = run_concurrently(session, name, inputs, workers, 1, seconds)
+    return _concurrent_result(f"{workers} concurrent runs x 1 thread, batch 1", workers, *timed)
 
 
 def rerun(artifact: Path, inputs: np.ndarray, run: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -126,14 +130,8 @@ def with_decoding(artifact: Path, images: list[bytes], workers: int, seconds: fl
     def feed(k: int) -> np.ndarray:
         return preprocess(images[k % len(images)], spec, 10**9)[None]
 
-    latencies, elapsed, cpu_s = _threads_running(session, name, feed, workers, seconds)
-    return {
-        "mode": f"{workers} concurrent decode+run x 1 thread, batch 1",
-        "images_per_s": round(len(latencies) / elapsed, 2),
-        "cpu_ms_per_image": round(cpu_s * 1000 / len(latencies), 2),
-        "params": {"workers": workers},
-        **_percentiles(latencies),
-    }
+    timed = _threads_running(session, name, feed, workers, seconds)
+    return _concurrent_result(f"{workers} concurrent decode+run x 1 thread, batch 1", workers, *timed)
 
 
 def ceiling(

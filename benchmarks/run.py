@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +238,7 @@ def measure_system(
         sampler = RssSampler(process.pid)
         sampler.start()
         # The bracketed system is our own service: its /metrics gives a steady-state window and CPU by thread.
-        during = (
-            (lambda pid: window.measure(url, process.pid, pid, 2.0, profile.duration_s - 6.0))
-            if ceiling is not None
-            else None
-        )
+        during = partial(window.measure, url, process.pid, duration_s=profile.duration_s) if ceiling else None
         users = profile.users * system.users_factor
         load = locust(url, profile, users, work / system.name.replace(" ", "_"), during=during)
         rss = sampler.stop()
@@ -259,6 +256,26 @@ def measure_system(
         }
     print(f"{system.name}: {json.dumps(result)}", flush=True)
     return result
+
+
+def service_under_load(
+    env: dict[str, str], images: list[bytes], seconds: int, work: Path, tag: str, users: int = 8
+) -> dict[str, Any]:
+    """A fresh `python -m service` on the committed artifact (plus `env`), warmed up, then `users` Locust
+    users for `seconds`, with its steady-state window (benchmarks/window.py). Locust's summary + "window"."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+    system = System(tag, [sys.executable, "-m", "service"], base | env)
+    process, _ = start(system, url, images[0], work / f"{tag}.log")
+    try:
+        warm_up(url, images, users, 3)
+        profile = Profile(users=users, duration_s=seconds, warmup_s=0, engine_s=0)
+        return locust(
+            url, profile, users, work / tag, during=lambda pid: window.measure(url, process.pid, pid, seconds)
+        )
+    finally:
+        stop(process)
 
 
 def venv_size_mb(requirements: Path, work: Path) -> float:

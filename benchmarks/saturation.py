@@ -38,15 +38,12 @@ import numpy as np
 
 from benchmarks import engine, machine, payloads, window
 from benchmarks.report import save
-from benchmarks.run import ROOT, Profile, System, _free_port, locust, start, stop, warm_up
+from benchmarks.run import ROOT, service_under_load
 from service.cpus import available_cpus
 from service.imaging import preprocess
 from service.manifest import Manifest
 
 HERE = Path(__file__).resolve().parent
-
-
-SETTLE_S = 2.0
 
 
 def _ceiling(artifact: Path, inputs: np.ndarray, cores: int, seconds: float) -> dict[str, Any]:
@@ -61,22 +58,7 @@ def _round(
     cores = available_cpus()
     before = _ceiling(artifact, inputs, cores, seconds)
     decoding = engine.with_decoding(artifact, images, cores, seconds)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(artifact)}
-    system = System("service-int8", [sys.executable, "-m", "service"], env)
-    process, _ = start(system, url, images[0], work / f"round-{index}.log")
-    try:
-        warm_up(url, images, 8, 3)
-        load = locust(
-            url,
-            Profile(users=8, duration_s=load_s, warmup_s=0, engine_s=0),
-            8,
-            work / f"round-{index}",
-            during=lambda pid: window.measure(url, process.pid, pid, SETTLE_S, load_s - SETTLE_S - 4),
-        )
-    finally:
-        stop(process)
+    load = service_under_load({}, images, load_s, work, f"round-{index}")
     after = _ceiling(artifact, inputs, cores, seconds)
     ceiling = (before["images_per_s"] + after["images_per_s"]) / 2
     engine_cpu = (before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2
@@ -85,7 +67,6 @@ def _round(
         raise RuntimeError(f"round {index}: the service answered nothing in its window; see {work}/round-{index}.log")
     service = steady["answered_per_s"]
     cpu = steady["cpu_ms_per_request"]
-    cpu_all = round(cpu["service"] + cpu["load generator"], 2)
     row = {
         "round": index,
         "engine_before": before["images_per_s"],
@@ -98,14 +79,14 @@ def _round(
         "cpu_ms": {
             "engine per image": round(engine_cpu, 2),
             "engine with decoding per image": decoding["cpu_ms_per_image"],
-            "service per request": {**cpu, "all": cpu_all},
+            "service per request": cpu,
         },
         "machine_idle_in_service_window": steady["machine_idle"],
         "decoding / engine": round(decoding["images_per_s"] / ceiling, 3),
         "service / engine": round(service / ceiling, 3),
         "service / engine with decoding": round(service / decoding["images_per_s"], 3),
         "service (Locust's count) / engine": round(load["ok_per_s"] / ceiling, 3),
-        "engine CPU per image / service CPU per request": round(engine_cpu / cpu_all, 3),
+        "engine CPU per image / service CPU per request": round(engine_cpu / cpu["all"], 3),
     }
     print(json.dumps(row), flush=True)
     return row
@@ -172,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="saturation")
     args = parser.parse_args(argv)
-    if args.load_seconds < SETTLE_S + 8:
-        parser.error(f"--load-seconds must be at least {SETTLE_S + 8:g}: the steady-state window needs room")
+    if args.load_seconds < window.SETTLE_S + window.TAIL_S + 4:
+        minimum = window.SETTLE_S + window.TAIL_S + 4
+        parser.error(f"--load-seconds must be at least {minimum:g}: the steady-state window needs room")
 
     images = payloads.image_bytes()
     spec = Manifest.read(ROOT / "artifacts").preprocessing

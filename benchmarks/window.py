@@ -1,9 +1,10 @@
 """A steady-state window inside a load phase: requests counted by the service, CPU per request by thread role.
 
 Locust's own requests/s includes its ramp-up and its last, half-empty second. The window skips both: it
-starts `settle_s` after the first answers, and counts answered requests from the service's own /metrics, so the
-figure is the service's sustained rate. Over the same window it records the CPU time of the service's
-threads (inference, decode, event loop) and of the load generator, per answered request.
+starts SETTLE_S after the first answers and ends TAIL_S before the load phase does, and it counts answered
+requests from the service's own /metrics, so the figure is the service's sustained rate. Over the same
+window it records the CPU time of the service's threads (inference, decode, event loop) and of the load
+generator, per answered request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import cpu
+
+SETTLE_S = 2.0
+TAIL_S = 4.0
 
 
 def answered(url: str) -> int:
@@ -32,25 +36,22 @@ def answered(url: str) -> int:
     return 0
 
 
-def measure(url: str, service_pid: int, load_pid: int, settle_s: float, seconds: float) -> dict[str, Any]:
-    """Blocks while a load generator (`load_pid`) drives the service: until its first answers, `settle_s`
-    more, then the `seconds` measured."""
+def measure(url: str, service_pid: int, load_pid: int, duration_s: float) -> dict[str, Any]:
+    """Blocks while a load generator (`load_pid`) drives the service for `duration_s`: until its first
+    answers, SETTLE_S more, then the window, which ends TAIL_S before the load phase does."""
     first = answered(url)
     deadline = time.perf_counter() + 60
     while answered(url) == first and time.perf_counter() < deadline:  # the load generator is still starting
         time.sleep(0.2)
-    time.sleep(settle_s)
-    count0, before = answered(url), cpu.snapshot(service_pid, (load_pid,))
-    time.sleep(seconds)
-    count1, after = answered(url), cpu.snapshot(service_pid, (load_pid,))
+    time.sleep(SETTLE_S)
+    count0, before = answered(url), cpu.snapshot(service_pid, load_pid)
+    time.sleep(duration_s - SETTLE_S - TAIL_S)
+    count1, after = answered(url), cpu.snapshot(service_pid, load_pid)
     requests = count1 - count0
-    per_request = cpu.per_item_ms(before, after, requests)
-    load_ms = per_request.pop(f"pid {load_pid}", 0.0)
-    service_ms = per_request.pop("total", 0.0) - load_ms
     return {
         "seconds": round(after.at - before.at, 2),
         "answered": requests,
         "answered_per_s": round(requests / (after.at - before.at), 2),
-        "cpu_ms_per_request": {**per_request, "service": round(service_ms, 2), "load generator": load_ms},
+        "cpu_ms_per_request": cpu.per_item_ms(before, after, requests),
         "machine_idle": cpu.machine_idle(before, after),
     }

@@ -12,7 +12,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-_PR_SET_NAME, _PR_GET_NAME = 15, 16  # linux/prctl.h
+_PR_SET_NAME = 15  # linux/prctl.h
 _LINUX_NAME_BYTES = 15  # the kernel keeps 15 bytes and a NUL
 
 
@@ -33,15 +33,6 @@ def name_os_thread() -> None:
     if _LIBC is not None:
         name = threading.current_thread().name.encode("ascii", "replace")[:_LINUX_NAME_BYTES]
         _LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-
-
-def os_thread_name() -> str:
-    """The calling thread's name as the OS reports it (for tests and diagnostics)."""
-    if _LIBC is None:
-        return threading.current_thread().name
-    buffer = ctypes.create_string_buffer(16)
-    _LIBC.prctl(_PR_GET_NAME, buffer, 0, 0, 0)
-    return buffer.value.decode("ascii", "replace")
 
 
 def named_pool(workers: int, prefix: str) -> ThreadPoolExecutor:
