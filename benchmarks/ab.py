@@ -1,9 +1,12 @@
-"""A/B of service configurations: interleaved rounds under the same Locust load, throughput and CPU per request.
+"""A/B of service configurations or code: interleaved rounds under the same Locust load, throughput and CPU.
 
     python -m benchmarks.ab --variant "" --variant "WORKERS=4"             # 4 rounds, about 5 minutes
     python -m benchmarks.ab --variant "" --variant "DECODE_THREADS=1" --rounds 6 --name ab-decode-threads
+    python -m benchmarks.ab --variant "@HEAD~1" --variant ""               # the last commit against its parent
 
-Each variant is a space-separated list of environment settings for `python -m service` ("" = the defaults).
+Each variant is a space-separated list of environment settings for `python -m service` ("" = the defaults),
+optionally with one `@REV`: the service's code then comes from that git revision (`git archive REV service`),
+while the artifact, the load and the harness stay the working tree's, so a code change is measured alone.
 Every round runs each variant once, in an order that alternates from round to round (A B, B A, ...), so a
 machine that speeds up or slows down during the run favours neither. Each run: fresh server, uncounted
 warm-up, then 8 Locust users; throughput and CPU per answered request come from a steady-state window
@@ -14,46 +17,83 @@ measured in the same round. Writes results/<name>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from benchmarks import machine, payloads, window
 from benchmarks.report import save
-from benchmarks.run import service_under_load
+from benchmarks.run import ROOT, service_under_load
 
 HERE = Path(__file__).resolve().parent
 USERS = 8
 ROLES = ("inference", "decode", "event loop", "other", "load generator")
 
 
-def parse_variant(text: str) -> dict[str, str]:
-    env = {}
+@dataclass(frozen=True)
+class Variant:
+    env: dict[str, str] = field(default_factory=dict)
+    revision: str | None = None  # a commit, as its short hash; None: the working tree
+
+    @property
+    def label(self) -> str:
+        parts = ([f"@{self.revision}"] if self.revision else []) + [f"{k}={v}" for k, v in self.env.items()]
+        return " ".join(parts) or "defaults"
+
+
+def _short_hash(revision: str) -> str:
+    found = subprocess.run(
+        ["git", "rev-parse", "--short", "--verify", f"{revision}^{{commit}}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if found.returncode != 0:
+        raise argparse.ArgumentTypeError(f"{revision!r} is not a commit of this repository")
+    return found.stdout.strip()
+
+
+def parse_variant(text: str) -> Variant:
+    env, revision = {}, None
     for item in text.split():
+        if item.startswith("@"):
+            if revision is not None:
+                raise argparse.ArgumentTypeError(f"{text!r} names more than one revision")
+            revision = _short_hash(item[1:])
+            continue
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE or @REVISION")
         env[key] = value
-    return env
+    return Variant(env, revision)
 
 
-def label(env: dict[str, str]) -> str:
-    return " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
+def checkout_service(revision: str, into: Path) -> Path:
+    """`service/` as it was at `revision`, in a folder of its own; the folder to run `python -m service` in."""
+    archive = subprocess.run(["git", "archive", "--format=tar", revision, "service"], cwd=ROOT, capture_output=True)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {revision} service: {archive.stderr.decode().strip()}")
+    code = into / f"rev-{revision}"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(code, filter="data")
+    return code
 
 
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def summarize(variants: list[dict[str, str]], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(variants: list[Variant], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for env in variants:
-        name = label(env)
+    for variant in variants:
+        name = variant.label
         runs = [r["runs"][name] for r in rounds]
-        firsts = [r["runs"][label(variants[0])] for r in rounds]
+        firsts = [r["runs"][variants[0].label] for r in rounds]
         windows, first_windows = [r["window"] for r in runs], [r["window"] for r in firsts]
         cpu = {role: statistics.median(w["cpu_ms_per_request"][role] for w in windows) for role in ROLES}
         total = [w["cpu_ms_per_request"]["all"] for w in windows]
@@ -105,14 +145,16 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", action="append", type=parse_variant, required=True, help='e.g. "WORKERS=4"')
+    parser.add_argument(
+        "--variant", action="append", type=parse_variant, required=True, help='e.g. "WORKERS=4", "@HEAD~1"'
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=30, help="each run's Locust phase")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="ab")
     args = parser.parse_args(argv)
-    variants: list[dict[str, str]] = args.variant
-    if len(variants) < 2 or len({label(v) for v in variants}) != len(variants):
+    variants: list[Variant] = args.variant
+    if len(variants) < 2 or len({v.label for v in variants}) != len(variants):
         parser.error("give at least two different --variant")
     if args.seconds < window.SETTLE_S + window.TAIL_S + 6:
         parser.error(f"--seconds must be at least {window.SETTLE_S + window.TAIL_S + 6:g}")
@@ -120,20 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     images = payloads.image_bytes()
     rounds = []
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
+        work = Path(tmp)
+        code = {v.revision: checkout_service(v.revision, work) for v in variants if v.revision}
         for i in range(args.rounds):
             order = variants if i % 2 == 0 else variants[::-1]
             runs = {}
-            for j, env in enumerate(order):
-                runs[label(env)] = service_under_load(env, images, args.seconds, Path(tmp), f"round{i}-{j}", USERS)
-                print(f"round {i} {label(env)}: {runs[label(env)]['window']}", flush=True)
-            rounds.append({"round": i, "order": [label(v) for v in order], "runs": runs})
+            for j, v in enumerate(order):
+                where = code.get(v.revision, ROOT)
+                runs[v.label] = service_under_load(v.env, images, args.seconds, work, f"round{i}-{j}", USERS, where)
+                print(f"round {i} {v.label}: {runs[v.label]['window']}", flush=True)
+            rounds.append({"round": i, "order": [v.label for v in order], "runs": runs})
     given = sys.argv[1:] if argv is None else argv
     result = {
         "command": " ".join(["python -m benchmarks.ab", *(f'"{a}"' if " " in a or not a else a for a in given)]),
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "machine": machine.describe(),
         "seconds": args.seconds,
-        "variants": [label(v) for v in variants],
+        "variants": [v.label for v in variants],
         "rounds": rounds,
         "summary": summarize(variants, rounds),
     }

@@ -62,6 +62,7 @@ class System:
     # Measure the engine ceiling again right before and right after this system's load phase: the machine's
     # speed drifts over a long run, and the saturation ratio must compare like with like.
     bracketed: bool = False
+    cwd: Path = ROOT  # where `python -m service` imports the service from (benchmarks.ab: another revision's)
 
 
 def _free_port() -> int:
@@ -138,7 +139,7 @@ def start(system: System, url: str, image: bytes, log: Path) -> tuple[subprocess
     env = {**os.environ, **system.env}
     launched = time.perf_counter()
     with log.open("wb") as sink:
-        process = subprocess.Popen(system.command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(system.command, cwd=system.cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     deadline = launched + 180
     with httpx.Client(timeout=30) as client:
         while time.perf_counter() < deadline:
@@ -259,14 +260,14 @@ def measure_system(
 
 
 def service_under_load(
-    env: dict[str, str], images: list[bytes], seconds: int, work: Path, tag: str, users: int = 8
+    env: dict[str, str], images: list[bytes], seconds: int, work: Path, tag: str, users: int = 8, code: Path = ROOT
 ) -> dict[str, Any]:
-    """A fresh `python -m service` on the committed artifact (plus `env`), warmed up, then `users` Locust
-    users for `seconds`, with its steady-state window (benchmarks/window.py). Locust's summary + "window"."""
+    """A fresh `python -m service` from `code` on the committed artifact (plus `env`), warmed up, then `users`
+    Locust users for `seconds`, with its steady-state window (benchmarks/window.py). Locust's summary + "window"."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
-    system = System(tag, [sys.executable, "-m", "service"], base | env)
+    system = System(tag, [sys.executable, "-m", "service"], base | env, cwd=code)
     process, _ = start(system, url, images[0], work / f"{tag}.log")
     try:
         warm_up(url, images, users, 3)

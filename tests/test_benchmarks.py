@@ -3,6 +3,7 @@ result files were written; never a speed: speed is what the harness reports, not
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.ab import checkout_service, parse_variant
 from tests.helpers import ROOT
 
 pytest.importorskip("locust", reason="needs benchmarks/requirements.txt")
@@ -85,18 +87,43 @@ def test_saturation_rounds_run(tmp_path: Path) -> None:
     assert "**median**" in (tmp_path / "saturation.md").read_text()
 
 
-def test_ab_compares_service_configurations(tmp_path: Path) -> None:
+def _is_git_checkout() -> bool:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+
+
+needs_git = pytest.mark.skipif(not _is_git_checkout(), reason="needs a git checkout (A/B of revisions)")
+
+
+@needs_git
+def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ab", "--variant", "", "--variant", "WORKERS=1", "--rounds", "1",
+        [sys.executable, "-m", "benchmarks.ab", "--variant", "", "--variant", "@HEAD WORKERS=1", "--rounds", "1",
          "--seconds", "12", "--out", str(tmp_path), "--name", "ab"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "ab.json").read_text())
-    defaults, one_worker = data["summary"]
-    assert (defaults["variant"], one_worker["variant"]) == ("defaults", "WORKERS=1")
-    assert defaults["throughput / first"] == 1.0 and one_worker["throughput / first"] > 0
+    defaults, other = data["summary"]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert (defaults["variant"], other["variant"]) == ("defaults", f"@{head.stdout.strip()} WORKERS=1")
+    assert defaults["throughput / first"] == 1.0 and other["throughput / first"] > 0
     for summary in data["summary"]:
         assert summary["errors"] == 0 and summary["answered_per_s"] > 0, summary
         assert summary["cpu_ms_per_request"]["inference"] > summary["cpu_ms_per_request"]["decode"] > 0, summary
     assert "WORKERS=1" in (tmp_path / "ab.md").read_text()
+
+
+@needs_git
+def test_ab_runs_a_revision_from_its_own_copy_of_the_service(tmp_path: Path) -> None:
+    code = checkout_service(parse_variant("@HEAD").revision or "", tmp_path)
+    committed = subprocess.run(["git", "show", "HEAD:service/app.py"], cwd=ROOT, capture_output=True, text=True)
+    assert (code / "service" / "app.py").read_text() == committed.stdout
+    assert not (code / "benchmarks").exists() and not (code / "artifacts").exists()
+
+
+def test_ab_variants_parse_settings_and_refuse_junk() -> None:
+    assert parse_variant("WORKERS=4 MAX_BATCH=2").label == "WORKERS=4 MAX_BATCH=2"
+    assert parse_variant("").label == "defaults"
+    for junk in ("WORKERS", "=4", "@not-a-revision-here", "@HEAD @HEAD"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variant(junk)
