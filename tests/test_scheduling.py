@@ -22,7 +22,9 @@ IMAGES = [image_bytes(c, size=(64 + 8 * i, 48), fmt="PNG") for i, c in enumerate
 @pytest.fixture(scope="module")
 def slow_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("slow") / "artifact"
-    write_tiny_artifact(out, busy_matmuls=40)  # ~0.1-0.3 s per image: the worker stays busy
+    # ~0.2 s per image (200 products of 384x384): the worker stays busy while the test's clients, which may
+    # start 50 ms apart on a loaded 2-core machine, line up behind it. 40 (~40 ms) let them through one by one.
+    write_tiny_artifact(out, busy_matmuls=200)
     return out
 
 
