@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
-from service.imaging import preprocess, resize_bilinear_tf, scale_values
+from service.imaging import preprocess, scale_values
 from service.manifest import Preprocessing
+from service.resize import resize_bilinear_tf
 from tests.helpers import image_bytes
 
 SPEC = Preprocessing(height=30, width=40)
@@ -40,12 +41,33 @@ def _naive_bilinear_tf(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize(("in_h", "in_w", "out_h", "out_w"), [(37, 53, 12, 9), (10, 10, 25, 31), (300, 300, 300, 300)])
+@pytest.mark.parametrize(
+    ("in_h", "in_w", "out_h", "out_w"),
+    [(37, 53, 12, 9), (10, 10, 25, 31), (300, 300, 300, 300), (1000, 20, 300, 300), (1, 1, 30, 40), (7, 5, 1, 1)],
+)
 def test_bilinear_tf_matches_the_reference_kernel(in_h: int, in_w: int, out_h: int, out_w: int) -> None:
     src = np.random.default_rng(0).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
     ours = resize_bilinear_tf(src, out_h, out_w)
     assert ours.dtype == np.float32 and ours.shape == (out_h, out_w, 3)
-    np.testing.assert_allclose(ours, _naive_bilinear_tf(src.astype(np.float64), out_h, out_w), atol=1e-3)
+    # onnxruntime computes sample positions in float32 from its own scale; against this float64 transcription
+    # that moves a value by at most 0.016 grey levels (1000x20 -> 300x300): 0.05 is far below one step of 1.
+    np.testing.assert_allclose(ours, _naive_bilinear_tf(src.astype(np.float64), out_h, out_w), atol=0.05)
+
+
+def test_bilinear_tf_does_not_antialias() -> None:
+    # A one-pixel checkerboard, halved: half-pixel centres land between two pixels, so bilinear without
+    # antialiasing averages pairs along each axis (127.5), exactly as tf.image.resize does.
+    board = ((np.indices((40, 40)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    src = np.repeat(board[:, :, None], 3, axis=2)
+    np.testing.assert_allclose(resize_bilinear_tf(src, 20, 20), 127.5, atol=1e-4)
+    # 39 -> 13: centres fall exactly on pixels 1, 4, 7, ..., so the output is the board's own values there.
+    third = resize_bilinear_tf(src[:39, :39], 13, 13)[:, :, 0]
+    np.testing.assert_allclose(third, board[1:39:3, 1:39:3], atol=1e-3)
+
+
+def test_the_committed_resize_graph_is_the_one_export_builds() -> None:
+    resize_graph = pytest.importorskip("export.resize_graph", reason="needs the onnx package (export requirements)")
+    assert resize_graph.PATH.read_bytes() == resize_graph.serialized(), "run: python -m export.resize_graph"
 
 
 def test_identity_size_is_exact() -> None:
