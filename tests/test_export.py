@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 
 from service.manifest import Manifest, sha256_file
@@ -75,6 +76,11 @@ def test_tiny_keras_model_end_to_end(tiny_keras_file: Path, five_labels: Path, t
     assert report["selected"] == min(passing, key=lambda v: v["latency_ms"])["name"]
     for name in variants:  # every variant is a servable artifact of its own
         assert Manifest.read(tmp_path / "v" / name).model.quantization == variants[name]["quantization"]
+    for name in ("static", "static_u8"):  # the Rescaling layer stays float: the raw input goes straight into it
+        graph = onnx.load(str(tmp_path / "v" / name / "model.onnx")).graph
+        first = [n.op_type for n in graph.node if graph.input[0].name in n.input]
+        assert first == ["Mul"], (name, first)
+        assert any(n.op_type == "QuantizeLinear" for n in graph.node), name
 
     # The service serves it, and answers what Keras answers for the same input.
     import keras
@@ -221,3 +227,32 @@ def test_reference_cli_regenerates_a_servable_artifact(tmp_path: Path) -> None:
         assert home["model"]["trained"] is False and "untrained" in home["warning"]
         response = httpx.post(f"{server.url}/infer", files={"image": synthetic_jpegs(1, seed=5)[0]})
     assert response.status_code == 200 and "class" in response.json()
+
+
+def _graph(*nodes: tuple[str, list[str], str]) -> onnx.GraphProto:
+    from onnx import TensorProto, helper
+
+    constants = [onnx.numpy_helper.from_array(np.ones((1,), np.float32), name) for name in ("c1", "c2")]
+    return helper.make_graph(
+        [helper.make_node(op, inputs, [out], name=out) for op, inputs, out in nodes],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info(nodes[-1][2], TensorProto.FLOAT, [1])],
+        constants,
+    )
+
+
+def test_input_rescaling_is_the_constant_elementwise_chain_at_the_input() -> None:
+    from export.quantize import _input_rescaling_nodes
+
+    rescale = _graph(
+        ("Mul", ["x", "c1"], "m"), ("Sub", ["m", "c2"], "s"), ("Relu", ["s"], "r"), ("Mul", ["r", "c1"], "t")
+    )
+    assert _input_rescaling_nodes(rescale) == ["m", "s"]  # stops at the first other op, never resumes
+    assert _input_rescaling_nodes(_graph(("Relu", ["x"], "r"), ("Mul", ["r", "c1"], "m"))) == []
+    assert _input_rescaling_nodes(_graph(("Mul", ["x", "y"], "m"), ("Add", ["m", "c1"], "a"))) == []  # not a constant
+    fan_out = _graph(("Mul", ["x", "c1"], "m"), ("Relu", ["m"], "r"), ("Add", ["m", "r"], "a"))
+    assert _input_rescaling_nodes(fan_out) == ["m"]
