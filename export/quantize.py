@@ -84,6 +84,18 @@ def _input_rescaling_nodes(graph: onnx.GraphProto) -> list[str]:
     return chain
 
 
+def float_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes every static variant leaves unquantized.
+
+    Softmax: quantized, its output moves in steps of 1/255 while a class probability of 1/196 is 0.005.
+    The input rescaling: quantized, each of its steps rounds the image once more before the first
+    convolution's own input quantization. Measured on the digits CNN (tests/test_digits_accuracy.py,
+    static_u8, Xeon with AVX512-VNNI): held-out accuracy 0.9667 with it quantized, 0.9778 without,
+    against Keras' 0.9800.
+    """
+    return _softmax_nodes(graph) + _input_rescaling_nodes(graph)
+
+
 def make_variants(fp32_path: Path, calibration: np.ndarray, workdir: Path, wanted: tuple[str, ...]) -> list[Variant]:
     variants = [Variant("fp32", fp32_path)] if "fp32" in wanted else []
     if set(wanted) == {"fp32"}:
@@ -91,13 +103,7 @@ def make_variants(fp32_path: Path, calibration: np.ndarray, workdir: Path, wante
     # Shape inference plus folding of leftover BatchNorm multiplies: int8 runs ~10% faster after it.
     prepared = workdir / "prepared.onnx"
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
-    graph = onnx.load(str(prepared)).graph
-    # Softmax stays float: quantized, its output moves in steps of 1/255 while a class probability of
-    # 1/196 is 0.005. The input rescaling stays float too: quantized, each of its steps rounds the image
-    # once more before the first convolution's own input quantization. Measured on the digits CNN
-    # (tests/test_digits_accuracy.py, static_u8, Xeon with AVX512-VNNI): held-out accuracy 0.9667 with it
-    # quantized, 0.9778 without, against Keras' 0.9800.
-    keep_float = _softmax_nodes(graph) + _input_rescaling_nodes(graph)
+    keep_float = float_nodes(onnx.load(str(prepared)).graph)
     log.info("kept in float: %s", ", ".join(keep_float) or "nothing")
 
     if "dynamic" in wanted:
