@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from service import endpoints, imaging
+from service import endpoints
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import Metrics, MetricsMiddleware
 from service.model import Classifier
@@ -34,7 +34,6 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
             loaded = await run_in_threadpool(Classifier.load, settings.model_dir, settings.intra_op_threads)
         # The first run allocates and plans; pay for it before the first client does.
         await run_in_threadpool(loaded.warm_up)
-        await run_in_threadpool(imaging.warm_up, loaded.manifest.preprocessing)
         scheduler = Scheduler(
             loaded.predict,
             workers=settings.workers,

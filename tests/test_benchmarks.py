@@ -127,3 +127,17 @@ def test_ab_variants_parse_settings_and_refuse_junk() -> None:
     for junk in ("WORKERS", "=4", "@not-a-revision-here", "@HEAD @HEAD"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_variant(junk)
+
+
+def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.preprocess", "--repeats", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "preprocess.json").read_text())
+    stages = data["ms_per_image"]
+    assert set(stages) == {"header", "decode", "resize", "total"}
+    assert all(stages[s] > 0 for s in ("header", "decode", "resize")), stages
+    assert stages["total"] == pytest.approx(stages["header"] + stages["decode"] + stages["resize"], abs=0.01)
+    assert data["images"] == 48 and "| decode |" in (tmp_path / "preprocess.md").read_text()

@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
-from service.imaging import preprocess, scale_values
+from service.imaging import preprocess, resize_bilinear_tf, scale_values
 from service.manifest import Preprocessing
-from service.resize import resize_bilinear_tf
 from tests.helpers import image_bytes
 
 SPEC = Preprocessing(height=30, width=40)
@@ -49,9 +48,9 @@ def test_bilinear_tf_matches_the_reference_kernel(in_h: int, in_w: int, out_h: i
     src = np.random.default_rng(0).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
     ours = resize_bilinear_tf(src, out_h, out_w)
     assert ours.dtype == np.float32 and ours.shape == (out_h, out_w, 3)
-    # onnxruntime computes sample positions in float32 from its own scale; against this float64 transcription
-    # that moves a value by at most 0.016 grey levels (1000x20 -> 300x300): 0.05 is far below one step of 1.
-    np.testing.assert_allclose(ours, _naive_bilinear_tf(src.astype(np.float64), out_h, out_w), atol=0.05)
+    # Sample positions are float32, as in TensorFlow: against this float64 transcription that moves a value by
+    # up to 0.011 grey levels when 20 columns stretch to 300; 0.02 is still far below one step of 1.
+    np.testing.assert_allclose(ours, _naive_bilinear_tf(src.astype(np.float64), out_h, out_w), atol=0.02)
 
 
 def test_bilinear_tf_does_not_antialias() -> None:
@@ -63,11 +62,6 @@ def test_bilinear_tf_does_not_antialias() -> None:
     # 39 -> 13: centres fall exactly on pixels 1, 4, 7, ..., so the output is the board's own values there.
     third = resize_bilinear_tf(src[:39, :39], 13, 13)[:, :, 0]
     np.testing.assert_allclose(third, board[1:39:3, 1:39:3], atol=1e-3)
-
-
-def test_the_committed_resize_graph_is_the_one_export_builds() -> None:
-    resize_graph = pytest.importorskip("export.resize_graph", reason="needs the onnx package (export requirements)")
-    assert resize_graph.PATH.read_bytes() == resize_graph.serialized(), "run: python -m export.resize_graph"
 
 
 def test_identity_size_is_exact() -> None:
