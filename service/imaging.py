@@ -146,14 +146,24 @@ def resize_bilinear_tf(pixels: np.ndarray, height: int, width: int) -> np.ndarra
     # indexing (measured 3.0 vs 7.5 ms for 960x540 -> 300x300), with identical results.
     rows = pixels.reshape(pixels.shape[0], -1)
     rows0, rows1 = rows[plan.rows_low], rows[plan.rows_high]
-    top_left = np.take(rows0, plan.columns_left, axis=1).astype(np.float32)
+    top = np.take(rows0, plan.columns_left, axis=1).astype(np.float32)
     top_right = np.take(rows0, plan.columns_right, axis=1).astype(np.float32)
-    bottom_left = np.take(rows1, plan.columns_left, axis=1).astype(np.float32)
+    bottom = np.take(rows1, plan.columns_left, axis=1).astype(np.float32)
     bottom_right = np.take(rows1, plan.columns_right, axis=1).astype(np.float32)
-    top = top_left + (top_right - top_left) * plan.column_weights
-    bottom = bottom_left + (bottom_right - bottom_left) * plan.column_weights
-    resized: np.ndarray = (top + (bottom - top) * plan.row_weights).reshape(height, width, channels)
+    # The same arithmetic as `a + (b - a) * w`, in place: four arrays instead of ten, so fewer fresh pages
+    # to fault in per request (bit-identical; 2.7 vs 4.6 ms for 960x540 -> 300x300 in a fresh process).
+    _lerp_into(top, top_right, plan.column_weights)
+    _lerp_into(bottom, bottom_right, plan.column_weights)
+    _lerp_into(top, bottom, plan.row_weights)
+    resized: np.ndarray = top.reshape(height, width, channels)
     return resized
+
+
+def _lerp_into(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> None:
+    """a += (b - a) * weight, overwriting b."""
+    np.subtract(b, a, out=b)
+    np.multiply(b, weight, out=b)
+    np.add(a, b, out=a)
 
 
 def resize(image: Image.Image, spec: Preprocessing) -> np.ndarray:
