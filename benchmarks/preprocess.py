@@ -19,10 +19,10 @@ from pathlib import Path
 
 from benchmarks import machine, payloads
 from benchmarks.report import save
+from benchmarks.run import ROOT
 from service.imaging import decode_rgb, open_image, resize, scale_values
 from service.manifest import Manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("header", "decode", "resize")
 
 

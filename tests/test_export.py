@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from service.manifest import Manifest, sha256_file
 from tests.helpers import CARS, ROOT, SHARED, image_bytes, running_service
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.export
 from export.images import synthetic_jpegs  # noqa: E402
 from export.parity import Thresholds, preprocessing_vs_tensorflow  # noqa: E402
 from export.pipeline import ExportConfig, ExportFailed, run_export  # noqa: E402
+from export.quantize import _input_rescaling_nodes  # noqa: E402
 
 FIVE = ["alpha", "bravo", "charlie", "delta", "echo"]
 
@@ -230,8 +232,6 @@ def test_reference_cli_regenerates_a_servable_artifact(tmp_path: Path) -> None:
 
 
 def _graph(*nodes: tuple[str, list[str], str]) -> onnx.GraphProto:
-    from onnx import TensorProto, helper
-
     constants = [onnx.numpy_helper.from_array(np.ones((1,), np.float32), name) for name in ("c1", "c2")]
     return helper.make_graph(
         [helper.make_node(op, inputs, [out], name=out) for op, inputs, out in nodes],
@@ -246,8 +246,6 @@ def _graph(*nodes: tuple[str, list[str], str]) -> onnx.GraphProto:
 
 
 def test_input_rescaling_is_the_constant_elementwise_chain_at_the_input() -> None:
-    from export.quantize import _input_rescaling_nodes
-
     rescale = _graph(
         ("Mul", ["x", "c1"], "m"), ("Sub", ["m", "c2"], "s"), ("Relu", ["s"], "r"), ("Mul", ["r", "c1"], "t")
     )
