@@ -1,38 +1,13 @@
-"""`python -m service`: verify the artifact, then serve it with uvicorn."""
+"""`python -m service`: verify and load the artifact, then serve it with uvicorn."""
 
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-from types import FrameType
+from concurrent.futures import ThreadPoolExecutor
 
-import uvicorn
-from starlette.applications import Starlette
-
-from service.app import create_app
 from service.model import ArtifactError, Classifier
 from service.settings import Settings, SettingsError
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, plus: /ready turns 503 the moment a shutdown starts, and SIGTERM exits 0 once drained.
-
-    uvicorn stops accepting connections and waits for the requests in flight; the lifespan then answers
-    whatever is still queued before the workers stop. (Stock uvicorn re-raises the signal at the very end,
-    which would make a clean drain look like a kill.)
-    """
-
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
-        super().__init__(config)
-        self._app = app
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._app.state.ready = False
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-        else:
-            self.should_exit = True
 
 
 def main() -> int:
@@ -45,15 +20,22 @@ def main() -> int:
         level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
         format="%(levelname)s:     %(message)s",
     )
-    try:
-        # Load before uvicorn starts, so a bad artifact is one clear line and a non-zero exit.
-        classifier = Classifier.load(settings.model_dir, settings.intra_op_threads)
-    except ArtifactError as exc:
-        print(f"service: cannot serve the artifact in {settings.model_dir}: {exc}", file=sys.stderr)
-        return 3
-    app = create_app(settings, classifier)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    _Server(config, app).run()
+    # Load before uvicorn starts, so a bad artifact is one clear line and a non-zero exit. onnxruntime builds
+    # and first runs the session with the GIL released, so the web stack (uvicorn, Starlette, Pillow,
+    # prometheus-client) imports, and the decode path warms, on the other core meanwhile
+    # (python -m benchmarks.cold_start: launch to first answer 0.55 s before this overlap).
+    with ThreadPoolExecutor(1, thread_name_prefix="load") as loader:
+        loading = loader.submit(Classifier.load, settings.model_dir, settings.intra_op_threads, warm=True)
+        from service.imaging import warm_up
+        from service.server import serve
+
+        warm_up()
+        try:
+            classifier = loading.result()
+        except ArtifactError as exc:
+            print(f"service: cannot serve the artifact in {settings.model_dir}: {exc}", file=sys.stderr)
+            return 3
+    serve(settings, classifier)
     return 0
 
 

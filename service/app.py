@@ -32,8 +32,8 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         loaded = classifier
         if loaded is None:
             loaded = await run_in_threadpool(Classifier.load, settings.model_dir, settings.intra_op_threads)
-        # The first run allocates and plans; pay for it before the first client does.
-        await run_in_threadpool(loaded.warm_up)
+        if not loaded.warmed:
+            await run_in_threadpool(loaded.warm_up)
         scheduler = Scheduler(
             loaded.predict,
             workers=settings.workers,

@@ -47,6 +47,13 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+def _shape_accepts(shape: list[int | str | None], given: tuple[int | None, ...]) -> bool:
+    """Whether an input of onnxruntime's declared `shape` takes arrays of shape `given` (None: any batch)."""
+    if len(shape) != len(given):
+        return False
+    return all(not isinstance(dim, int) or want is None or dim == want for dim, want in zip(shape, given, strict=True))
+
+
 class Classifier:
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, labels: list[str]) -> None:
         self.session = session
@@ -54,9 +61,10 @@ class Classifier:
         self.labels = labels
         self._input = manifest.input.name
         self._output = manifest.output.name
+        self.warmed = False
 
     @classmethod
-    def load(cls, model_dir: Path, threads: int) -> Classifier:
+    def load(cls, model_dir: Path, threads: int, *, warm: bool = False) -> Classifier:
         try:
             manifest = Manifest.read(model_dir)
             labels = read_labels(model_dir, manifest.labels)
@@ -79,6 +87,8 @@ class Classifier:
             raise ArtifactError(f"onnxruntime cannot load {model_path}: {exc}") from None
         classifier = cls(session, manifest, labels)
         classifier._check_signature()
+        if warm:
+            classifier.warm_up()
         return classifier
 
     def _check_signature(self) -> None:
@@ -87,10 +97,19 @@ class Classifier:
             raise ArtifactError(
                 f"the model's inputs are {[i.name for i in inputs]}, the manifest says [{self._input!r}]"
             )
+        height, width, channels = self.input_shape
+        nchw = self.manifest.input.layout == "NCHW"
+        expected = (None, channels, height, width) if nchw else (None, height, width, channels)
+        if not _shape_accepts(inputs[0].shape, expected):
+            raise ArtifactError(
+                f"the model's input {self._input!r} has shape {inputs[0].shape}, but the manifest's preprocessing "
+                f"makes {self.manifest.input.layout} batches of shape {['N', *expected[1:]]}"
+            )
         outputs = {o.name: o for o in self.session.get_outputs()}
         if self._output not in outputs:
             raise ArtifactError(f"the model has no output {self._output!r} (it has {sorted(outputs)})")
-        classes = outputs[self._output].shape[-1]
+        shape = outputs[self._output].shape
+        classes = shape[-1] if shape else None
         if isinstance(classes, int) and classes != len(self.labels):
             raise ArtifactError(f"the model has {classes} outputs but the labels file has {len(self.labels)} names")
 
@@ -114,4 +133,9 @@ class Classifier:
         return [Scored(self.labels[i], float(probabilities[i])) for i in best]
 
     def warm_up(self) -> None:
-        self.predict(np.zeros((1, *self.input_shape), dtype=np.float32))
+        """One run on a blank image: the first run allocates and plans, so pay for it before the first client."""
+        try:
+            self.predict(np.zeros((1, *self.input_shape), dtype=np.float32))
+        except Exception as exc:  # onnxruntime's own exception types: a graph that loads but cannot run
+            raise ArtifactError(f"the model failed its first run on a blank {self.input_shape} image: {exc}") from None
+        self.warmed = True

@@ -141,3 +141,22 @@ def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
     assert all(stages[s] > 0 for s in ("header", "decode", "resize")), stages
     assert stages["total"] == pytest.approx(stages["header"] + stages["decode"] + stages["resize"], abs=0.01)
     assert data["images"] == 48 and "| decode |" in (tmp_path / "preprocess.md").read_text()
+
+
+@needs_git
+def test_cold_start_launches_each_variant(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cold_start", "--variant", "", "--variant", "@HEAD WORKERS=1",
+         "--launches", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "cold_start.json").read_text())
+    (counted,) = data["rounds"]  # launch 0 warms the page cache and is not counted
+    defaults, other = data["summary"]
+    assert defaults["variant"] == "defaults" and other["variant"].endswith("WORKERS=1")
+    assert set(counted) == {"defaults", other["variant"]}
+    assert 0 < defaults["min_s"] <= defaults["median_s"] <= defaults["max_s"] < 180
+    assert defaults["cold start / first (median of rounds)"] == 1.0
+    assert other["median_s"] > 0
+    assert "WORKERS=1" in (tmp_path / "cold_start.md").read_text()

@@ -85,6 +85,41 @@ def test_unreadable_manifest(tiny_artifact: Path, tmp_path: Path) -> None:
     _assert_clean_failure(_start(artifact), "cannot read")
 
 
+def test_model_input_that_does_not_take_the_preprocessed_images(tiny_artifact: Path, tmp_path: Path) -> None:
+    artifact = _copy(tiny_artifact, tmp_path)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["input"]["shape"] = [None, 9, 9, 3]  # the model takes 8x8
+    manifest["preprocessing"].update(height=9, width=9)
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    _assert_clean_failure(_start(artifact), "has shape", "makes NHWC batches of shape ['N', 9, 9, 3]")
+
+
+def test_model_that_loads_but_cannot_run(tiny_artifact: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    from service.manifest import sha256_file
+
+    artifact = _copy(tiny_artifact, tmp_path)
+    model = onnx.load(str(artifact / "model.onnx"))
+    # Reshape the (batch, 4) answer to the input's own shape: valid as a graph, fails on every run.
+    (output,) = model.graph.output
+    model.graph.node[-1].output[0] = "answer"
+    model.graph.node.extend(
+        [
+            helper.make_node("Shape", ["input"], ["input_shape"]),
+            helper.make_node("Reshape", ["answer", "input_shape"], [output.name]),
+        ]
+    )
+    output.type.tensor_type.ClearField("shape")
+    onnx.save(model, str(artifact / "model.onnx"))
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["model"]["sha256"] = sha256_file(artifact / "model.onnx")
+    manifest["model"]["bytes"] = (artifact / "model.onnx").stat().st_size
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    _assert_clean_failure(_start(artifact), "failed its first run")
+
+
 def test_bad_setting(tiny_artifact: Path) -> None:
     _assert_clean_failure(_start(tiny_artifact, PORT="eighty"), "PORT")
 

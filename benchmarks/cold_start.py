@@ -1,0 +1,122 @@
+"""Cold start, A/B: launch to the first answered `/infer`, many launches per variant, interleaved.
+
+    python -m benchmarks.cold_start --variant "@HEAD~1" --variant ""     # about 1 minute
+    python -m benchmarks.cold_start --variant "" --launches 3 --out /tmp/x
+
+The same measurement as the cold-start column of `python -m benchmarks.run` (benchmarks.run.start: launch
+`python -m service` on the committed artifact, post one JPEG until it is answered), repeated: one launch
+is one sample of a figure that moves by tens of milliseconds with the machine's load. Variants are given
+as in benchmarks.ab (environment settings and/or `@REV` for another revision's `service/`). Round 0 runs
+every variant once uncounted, so the page cache is warm for all; then each round launches every variant
+once, in alternating order. Writes results/<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine, payloads
+from benchmarks.ab import Variant, checkout_service, parse_variant
+from benchmarks.report import save
+from benchmarks.run import ROOT, System, _free_port, start, stop
+
+HERE = Path(__file__).resolve().parent
+
+
+def launch(variant: Variant, where: Path, image: bytes, log: Path) -> float:
+    """Seconds from launching the service to its first answered /infer; the server is stopped after."""
+    port = _free_port()
+    env = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+    system = System(variant.label, [sys.executable, "-m", "service"], env | variant.env, cwd=where)
+    process, seconds = start(system, f"http://127.0.0.1:{port}", image, log)
+    stop(process)
+    return seconds
+
+
+def summarize(variants: list[Variant], rounds: list[dict[str, float]]) -> list[dict[str, Any]]:
+    first = variants[0].label
+    out = []
+    for variant in variants:
+        values = [r[variant.label] for r in rounds]
+        ratios = [r[variant.label] / r[first] for r in rounds]
+        out.append(
+            {
+                "variant": variant.label,
+                "median_s": round(statistics.median(values), 3),
+                "min_s": round(min(values), 3),
+                "max_s": round(max(values), 3),
+                "cold start / first (median of rounds)": round(statistics.median(ratios), 3),
+            }
+        )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    first = result["summary"][0]["variant"]
+    lines = [
+        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
+        f"available, Python {m['python']}. {len(result['rounds'])} counted launches per variant (after one "
+        "uncounted each); cold start = process launch to the first answered `/infer` (one 640x480 JPEG), "
+        "committed artifact.",
+        "",
+        f"| variant | median s | min s | max s | cold start / {first} (median of rounds) |",
+        "|---|---|---|---|---|",
+    ]
+    for s in result["summary"]:
+        lines.append(
+            f"| {s['variant']} | **{s['median_s']}** | {s['min_s']} | {s['max_s']} | "
+            f"{s['cold start / first (median of rounds)']} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--variant", action="append", type=parse_variant, required=True, help='e.g. "", "@HEAD~1", "WORKERS=1"'
+    )
+    parser.add_argument("--launches", type=int, default=10, help="counted launches per variant")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default="cold_start")
+    args = parser.parse_args(argv)
+    variants: list[Variant] = args.variant
+    if len({v.label for v in variants}) != len(variants):
+        parser.error("the variants must differ")
+    if args.launches < 1:
+        parser.error("--launches must be at least 1")
+
+    image = payloads.image_bytes()[0]
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
+        work = Path(tmp)
+        code = {v.revision: checkout_service(v.revision, work) for v in variants if v.revision}
+        for i in range(args.launches + 1):
+            order = variants if i % 2 == 0 else variants[::-1]
+            seconds = {v.label: launch(v, code.get(v.revision, ROOT), image, work / f"{i}.log") for v in order}
+            print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
+            if i:
+                rounds.append(seconds)
+    given = sys.argv[1:] if argv is None else argv
+    result = {
+        "command": " ".join(
+            ["python -m benchmarks.cold_start", *(f'"{a}"' if " " in a or not a else a for a in given)]
+        ),
+        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        "machine": machine.describe(),
+        "variants": [v.label for v in variants],
+        "rounds": rounds,
+        "summary": summarize(variants, rounds),
+    }
+    save(args.out, args.name, result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
