@@ -4,6 +4,7 @@ result files were written; never a speed: speed is what the harness reports, not
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,9 +15,19 @@ import pytest
 from benchmarks.ab import checkout_service, parse_variant
 from tests.helpers import ROOT
 
-pytest.importorskip("locust", reason="needs benchmarks/requirements.txt")
-pytest.importorskip("tensorflow", reason="the seed-way baseline needs TensorFlow")
-pytestmark = [pytest.mark.export, pytest.mark.slow]
+
+def _missing(module: str) -> bool:
+    # Looked up, not imported: importing locust monkey-patches threading and socket with gevent for the whole
+    # pytest process (every test collected after it), and TensorFlow is only needed by the subprocesses.
+    return importlib.util.find_spec(module) is None
+
+
+pytestmark = [
+    pytest.mark.skipif(_missing("locust"), reason="needs benchmarks/requirements.txt"),
+    pytest.mark.skipif(_missing("tensorflow"), reason="the seed-way baseline needs TensorFlow"),
+    pytest.mark.export,
+    pytest.mark.slow,
+]
 
 SYSTEMS = {
     "service-int8",
@@ -160,3 +171,9 @@ def test_cold_start_launches_each_variant(tmp_path: Path) -> None:
     assert defaults["cold start / first (median of rounds)"] == 1.0
     assert other["median_s"] > 0
     assert "WORKERS=1" in (tmp_path / "cold_start.md").read_text()
+
+
+def test_collecting_this_module_leaves_the_test_process_unpatched() -> None:
+    # The benchmarks run Locust in subprocesses; in the pytest process, gevent's patches would turn every
+    # later test's threads into greenlets.
+    assert "locust" not in sys.modules
