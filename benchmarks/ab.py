@@ -73,6 +73,18 @@ def parse_variant(text: str) -> Variant:
     return Variant(env, revision)
 
 
+def add_variant_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--variant", action="append", type=parse_variant, required=True, help='e.g. "", "WORKERS=4", "@HEAD~1"'
+    )
+
+
+def command_line(prog: str, argv: list[str] | None) -> str:
+    """The command as it was typed, quoting the arguments a shell would need quoted (empty variants)."""
+    given = sys.argv[1:] if argv is None else argv
+    return " ".join([prog, *(f'"{a}"' if " " in a or not a else a for a in given)])
+
+
 def checkout_service(revision: str, into: Path) -> Path:
     """`service/` as it was at `revision`, in a folder of its own; the folder to run `python -m service` in."""
     archive = subprocess.run(["git", "archive", "--format=tar", revision, "service"], cwd=ROOT, capture_output=True)
@@ -145,9 +157,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--variant", action="append", type=parse_variant, required=True, help='e.g. "WORKERS=4", "@HEAD~1"'
-    )
+    add_variant_option(parser)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=30, help="each run's Locust phase")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -172,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[v.label] = service_under_load(v.env, images, args.seconds, work, f"round{i}-{j}", USERS, where)
                 print(f"round {i} {v.label}: {runs[v.label]['window']}", flush=True)
             rounds.append({"round": i, "order": [v.label for v in order], "runs": runs})
-    given = sys.argv[1:] if argv is None else argv
     result = {
-        "command": " ".join(["python -m benchmarks.ab", *(f'"{a}"' if " " in a or not a else a for a in given)]),
+        "command": command_line("python -m benchmarks.ab", argv),
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "machine": machine.describe(),
         "seconds": args.seconds,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine, payloads
-from benchmarks.ab import Variant, checkout_service, parse_variant
+from benchmarks.ab import Variant, add_variant_option, checkout_service, command_line
 from benchmarks.report import save
 from benchmarks.run import ROOT, System, _free_port, start, stop
 
@@ -79,9 +79,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--variant", action="append", type=parse_variant, required=True, help='e.g. "", "@HEAD~1", "WORKERS=1"'
-    )
+    add_variant_option(parser)
     parser.add_argument("--launches", type=int, default=10, help="counted launches per variant")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="cold_start")
@@ -103,11 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
             if i:
                 rounds.append(seconds)
-    given = sys.argv[1:] if argv is None else argv
     result = {
-        "command": " ".join(
-            ["python -m benchmarks.cold_start", *(f'"{a}"' if " " in a or not a else a for a in given)]
-        ),
+        "command": command_line("python -m benchmarks.cold_start", argv),
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "machine": machine.describe(),
         "variants": [v.label for v in variants],
