@@ -42,6 +42,9 @@ def test_serve_dockerfile_shape() -> None:
     assert re.search(r"^EXPOSE 4000$", text, flags=re.M)
     assert re.search(r"^HEALTHCHECK .*\n?.*/ping", text, flags=re.M)
     assert 'CMD ["python", "-m", "service"]' in text
+    # Bytecode for everything the service imports: the venv, the slim base's standard library, service/.
+    compiled = re.findall(r"compileall .*?(/\S+)$", text.replace("\\\n", " "), flags=re.M)
+    assert compiled == ["/opt/venv", "/usr/local/lib/python3.11", "/app/service"], compiled
 
 
 @pytest.mark.parametrize(
@@ -59,27 +62,62 @@ def test_serve_requirements_have_no_tensorflow() -> None:
 
 @pytest.mark.slow
 def test_fresh_serve_venv_runs_the_image_cmd(tmp_path: Path) -> None:
-    """What the image holds: a venv from requirements-serve.txt plus service/ and artifacts/, nothing else."""
+    """What the image holds, built as the Dockerfile builds it: a venv from requirements-serve.txt without pip,
+    compiled to hash-checked bytecode, plus service/ (compiled the same way) and artifacts/, nothing else."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements-serve.txt")],
-        capture_output=True,
-        text=True,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
+    for step in (
+        ["-m", "pip", "install", "-q", "--no-compile", "-r", str(ROOT / "requirements-serve.txt")],
+        ["-m", "pip", "uninstall", "-q", "-y", "pip", "setuptools"],
+        ["-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "checked-hash", str(venv)],
+    ):
+        done = subprocess.run([python, *step], capture_output=True, text=True)
+        assert done.returncode == 0, f"{step}: {done.stderr[-3000:]}"
     app = tmp_path / "app"
     shutil.copytree(ROOT / "service", app / "service", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "artifacts", app / "artifacts")
+    compiled = subprocess.run(
+        [python, "-m", "compileall", "-q", "--invalidation-mode", "checked-hash", str(app / "service")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr
 
     no_tf = subprocess.run([python, "-c", "import tensorflow"], capture_output=True, text=True)
     assert no_tf.returncode != 0, "tensorflow is importable in the serve venv"
+    assert not (venv / "bin" / "pip").exists()
+    # Every module the service imports from the venv and from service/ has hash-checked bytecode beside it,
+    # so the image's read-only start compiles nothing (the standard library is compiled in the image itself).
+    loaded = subprocess.run(
+        [python, "-c", CACHED_PROBE], cwd=app, capture_output=True, text=True, env={"PYTHONDONTWRITEBYTECODE": "1"}
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    missing = [line for line in loaded.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert not missing, f"imported without bytecode: {missing[:10]}"
 
-    server = start_service(app / "artifacts", tmp_path / "server.log", python=python, cwd=str(app))
+    server = start_service(
+        app / "artifacts", tmp_path / "server.log", python=python, cwd=str(app), PYTHONDONTWRITEBYTECODE="1"
+    )
     try:
         response = httpx.post(f"{server.url}/infer", files={"image": image_bytes((30, 60, 90), fmt="JPEG")})
         assert response.status_code == 200, response.text
         assert "class" in response.json()
     finally:
         stop_service(server)
+
+
+# Imports what `python -m service` imports, then prints each loaded source file that has no valid .pyc.
+CACHED_PROBE = """
+import importlib.util, sys
+import service.__main__, service.server
+for module in list(sys.modules.values()):
+    spec = getattr(module, "__spec__", None)
+    origin = getattr(spec, "origin", None) or ""
+    if origin.endswith(".py") and not getattr(spec, "cached", None):
+        print(origin)
+    elif origin.endswith(".py"):
+        try:
+            open(spec.cached, "rb").close()
+        except OSError:
+            print(origin)
+"""
