@@ -177,3 +177,15 @@ def test_collecting_this_module_leaves_the_test_process_unpatched() -> None:
     # The benchmarks run Locust in subprocesses; in the pytest process, gevent's patches would turn every
     # later test's threads into greenlets.
     assert "locust" not in sys.modules
+
+
+def test_startup_phases_are_timed(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.startup_phases", "--processes", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = json.loads((tmp_path / "startup_phases.json").read_text())["steps"]
+    assert len(steps) == 9 and all(0 < s["min"] <= s["median"] <= s["max"] for s in steps.values()), steps
+    assert {"build the session", "warm-up run", "first decode of a JPEG"} <= set(steps)
+    assert "build the session" in (tmp_path / "startup_phases.md").read_text()
