@@ -24,12 +24,11 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine, payloads, window
-from benchmarks.report import save
+from benchmarks import payloads, window
+from benchmarks.report import command_line, provenance, save
 from benchmarks.run import ROOT, service_under_load
 
 HERE = Path(__file__).resolve().parent
@@ -79,12 +78,6 @@ def add_variant_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def command_line(prog: str, argv: list[str] | None) -> str:
-    """The command as it was typed, quoting the arguments a shell would need quoted (empty variants)."""
-    given = sys.argv[1:] if argv is None else argv
-    return " ".join([prog, *(f'"{a}"' if " " in a or not a else a for a in given)])
-
-
 def checkout_service(revision: str, into: Path) -> Path:
     """`service/` as it was at `revision`, in a folder of its own; the folder to run `python -m service` in."""
     archive = subprocess.run(["git", "archive", "--format=tar", revision, "service"], cwd=ROOT, capture_output=True)
@@ -94,6 +87,16 @@ def checkout_service(revision: str, into: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(code, filter="data")
     return code
+
+
+def service_code(variants: list[Variant], work: Path) -> dict[str, Path]:
+    """Each variant's folder to run `python -m service` in: its revision's checkout, or the working tree."""
+    return {v.label: checkout_service(v.revision, work) if v.revision else ROOT for v in variants}
+
+
+def alternating(variants: list[Variant], round_index: int) -> list[Variant]:
+    """A B, B A, A B...: a machine that speeds up or slows down during the run favours no variant."""
+    return variants if round_index % 2 == 0 else variants[::-1]
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -173,19 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
         work = Path(tmp)
-        code = {v.revision: checkout_service(v.revision, work) for v in variants if v.revision}
+        code = service_code(variants, work)
         for i in range(args.rounds):
-            order = variants if i % 2 == 0 else variants[::-1]
+            order = alternating(variants, i)
             runs = {}
             for j, v in enumerate(order):
-                where = code.get(v.revision, ROOT)
+                where = code[v.label]
                 runs[v.label] = service_under_load(v.env, images, args.seconds, work, f"round{i}-{j}", USERS, where)
                 print(f"round {i} {v.label}: {runs[v.label]['window']}", flush=True)
             rounds.append({"round": i, "order": [v.label for v in order], "runs": runs})
     result = {
-        "command": command_line("python -m benchmarks.ab", argv),
-        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "machine": machine.describe(),
+        **provenance(command_line("python -m benchmarks.ab", argv)),
         "seconds": args.seconds,
         "variants": [v.label for v in variants],
         "rounds": rounds,

@@ -17,13 +17,12 @@ import argparse
 import statistics
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine, payloads
-from benchmarks.ab import Variant, add_variant_option, checkout_service, command_line
-from benchmarks.report import save
+from benchmarks import payloads
+from benchmarks.ab import Variant, add_variant_option, alternating, service_code
+from benchmarks.report import command_line, provenance, save
 from benchmarks.run import ROOT, System, _free_port, start, stop
 
 HERE = Path(__file__).resolve().parent
@@ -94,17 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
         work = Path(tmp)
-        code = {v.revision: checkout_service(v.revision, work) for v in variants if v.revision}
+        code = service_code(variants, work)
         for i in range(args.launches + 1):
-            order = variants if i % 2 == 0 else variants[::-1]
-            seconds = {v.label: launch(v, code.get(v.revision, ROOT), image, work / f"{i}.log") for v in order}
+            seconds = {v.label: launch(v, code[v.label], image, work / f"{i}.log") for v in alternating(variants, i)}
             print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
             if i:
                 rounds.append(seconds)
     result = {
-        "command": command_line("python -m benchmarks.cold_start", argv),
-        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "machine": machine.describe(),
+        **provenance(command_line("python -m benchmarks.cold_start", argv)),
         "variants": [v.label for v in variants],
         "rounds": rounds,
         "summary": summarize(variants, rounds),

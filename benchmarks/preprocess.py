@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import machine, payloads
-from benchmarks.report import save
+from benchmarks import payloads
+from benchmarks.report import provenance, save
 from benchmarks.run import ROOT
 from service.imaging import decode_rgb, open_image, resize, scale_values
 from service.manifest import Manifest
@@ -59,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = time_stages(images, ROOT / "artifacts", args.repeats)
     median = {stage: round(statistics.median(values), 3) for stage, values in passes.items()}
     result = {
-        "command": "python -m benchmarks.preprocess" + (f" --repeats {args.repeats}" if args.repeats != 5 else ""),
-        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "machine": machine.describe(),
+        **provenance("python -m benchmarks.preprocess" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")),
         "images": len(images),
         "mean_kb": round(sum(map(len, images)) / len(images) / 1000, 1),
         "ms_per_image": median | {"total": round(sum(median.values()), 3)},

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import json
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks import machine
+
+
+def command_line(prog: str, argv: list[str] | None) -> str:
+    """The command as it was typed, quoting the arguments a shell would need quoted (empty variants)."""
+    given = sys.argv[1:] if argv is None else argv
+    return " ".join([prog, *(f'"{a}"' if " " in a or not a else a for a in given)])
+
+
+def provenance(command: str) -> dict[str, Any]:
+    """What every result file starts with: the command that made it, when, and on which machine."""
+    return {
+        "command": command,
+        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        "machine": machine.describe(),
+    }
 
 
 def _fmt(value: Any, suffix: str = "") -> str:

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ import httpx
 import numpy as np
 import psutil
 
-from benchmarks import engine, machine, payloads, window
-from benchmarks.report import markdown, save, write_plot
+from benchmarks import engine, payloads, window
+from benchmarks.report import markdown, provenance, save, write_plot
 from service.imaging import preprocess
 from service.manifest import Manifest
 
@@ -349,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "name": name,
         "quick": args.quick,
-        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
-        "machine": machine.describe(),
+        **provenance("python -m benchmarks.run" + (" --quick" if args.quick else "")),
         "profile": vars(profile),
         "images": {"count": len(images), "sizes": [f"{w}x{h}" for w, h in payloads.SIZES]},
         "artifact": {"sha256": manifest.model.sha256, "quantization": manifest.model.quantization},

@@ -30,14 +30,13 @@ import json
 import statistics
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks import engine, machine, payloads, window
-from benchmarks.report import save
+from benchmarks import engine, payloads, window
+from benchmarks.report import provenance, save
 from benchmarks.run import ROOT, service_under_load
 from service.cpus import available_cpus
 from service.imaging import preprocess
@@ -166,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m benchmarks.saturation", *given])
     result = {
-        "command": command,
-        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "machine": machine.describe(),
+        **provenance(command),
         "seconds": args.seconds,
         "load_s": args.load_seconds,
         "rounds": rounds,

@@ -19,12 +19,11 @@ import json
 import statistics
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine
-from benchmarks.report import save
+from benchmarks.payloads import image_paths
+from benchmarks.report import provenance, save
 from benchmarks.run import ROOT
 
 HERE = Path(__file__).resolve().parent
@@ -109,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error("--processes must be at least 1")
-    from benchmarks.payloads import image_paths
-
     artifact, image = ROOT / "artifacts", image_paths()[0]
     one_process(artifact, image)  # the page cache, as for every later start
     runs = [one_process(artifact, image) for _ in range(args.processes)]
@@ -123,10 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         for step in runs[0]
     }
     result = {
-        "command": "python -m benchmarks.startup_phases"
-        + (f" --processes {args.processes}" if args.processes != 5 else ""),
-        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "machine": machine.describe(),
+        **provenance(
+            "python -m benchmarks.startup_phases" + (f" --processes {args.processes}" if args.processes != 5 else "")
+        ),
         "processes": args.processes,
         "runs": runs,
         "steps": steps,

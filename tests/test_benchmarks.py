@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,13 +41,19 @@ SYSTEMS = {
 }
 
 
-def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+def _run_benchmark(module: str, *args: str, out: Path, result: str, timeout: int = 300) -> dict[str, Any]:
+    """`python -m benchmarks.<module> ARGS --out OUT`, which must succeed; the JSON it wrote as `result`."""
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads((tmp_path / "quick.json").read_text())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data: dict[str, Any] = json.loads((out / f"{result}.json").read_text())
+    return data
+
+
+def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
+    data = _run_benchmark("run", "--quick", out=tmp_path, result="quick", timeout=900)
     assert {s["system"] for s in data["systems"]} == SYSTEMS
     for system in data["systems"]:
         assert system["requests"] > system["errors"] >= 0, system
@@ -71,13 +78,9 @@ def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
 
 
 def test_saturation_rounds_run(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.saturation", "--rounds", "1", "--seconds", "1", "--load-seconds", "11",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads((tmp_path / "saturation.json").read_text())
+    data = _run_benchmark(
+        "saturation", "--rounds", "1", "--seconds", "1", "--load-seconds", "11", out=tmp_path, result="saturation"
+    )
     (row,) = data["rounds"]
     assert row["service_answered_per_s"] > 0 and row["service_locust_ok_per_s"] > 0, row
     assert row["service_errors"] == 0, row
@@ -107,13 +110,10 @@ needs_git = pytest.mark.skipif(not _is_git_checkout(), reason="needs a git check
 
 @needs_git
 def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ab", "--variant", "", "--variant", "@HEAD WORKERS=1", "--rounds", "1",
-         "--seconds", "12", "--out", str(tmp_path), "--name", "ab"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads((tmp_path / "ab.json").read_text())
+    variants = ("--variant", "", "--variant", "@HEAD WORKERS=1")
+    data = _run_benchmark(
+        "ab", *variants, "--rounds", "1", "--seconds", "12", "--name", "ab", out=tmp_path, result="ab"
+    )
     defaults, other = data["summary"]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert (defaults["variant"], other["variant"]) == ("defaults", f"@{head.stdout.strip()} WORKERS=1")
@@ -141,12 +141,7 @@ def test_ab_variants_parse_settings_and_refuse_junk() -> None:
 
 
 def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.preprocess", "--repeats", "1", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads((tmp_path / "preprocess.json").read_text())
+    data = _run_benchmark("preprocess", "--repeats", "1", out=tmp_path, result="preprocess")
     stages = data["ms_per_image"]
     assert set(stages) == {"header", "decode", "resize", "total"}
     assert all(stages[s] > 0 for s in ("header", "decode", "resize")), stages
@@ -156,13 +151,8 @@ def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
 
 @needs_git
 def test_cold_start_launches_each_variant(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cold_start", "--variant", "", "--variant", "@HEAD WORKERS=1",
-         "--launches", "1", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads((tmp_path / "cold_start.json").read_text())
+    variants = ("--variant", "", "--variant", "@HEAD WORKERS=1")
+    data = _run_benchmark("cold_start", *variants, "--launches", "1", out=tmp_path, result="cold_start")
     (counted,) = data["rounds"]  # launch 0 warms the page cache and is not counted
     defaults, other = data["summary"]
     assert defaults["variant"] == "defaults" and other["variant"].endswith("WORKERS=1")
@@ -180,12 +170,7 @@ def test_collecting_this_module_leaves_the_test_process_unpatched() -> None:
 
 
 def test_startup_phases_are_timed(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.startup_phases", "--processes", "1", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    steps = json.loads((tmp_path / "startup_phases.json").read_text())["steps"]
+    steps = _run_benchmark("startup_phases", "--processes", "1", out=tmp_path, result="startup_phases")["steps"]
     assert len(steps) == 9 and all(0 < s["min"] <= s["median"] <= s["max"] for s in steps.values()), steps
     assert {"build the session", "warm-up run", "first decode of a JPEG"} <= set(steps)
     assert "build the session" in (tmp_path / "startup_phases.md").read_text()
