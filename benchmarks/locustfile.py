@@ -3,13 +3,17 @@
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:4000
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:4000 --headless -u 8 -r 8 -t 60s --csv out/run
 
-A request counts as a success only if the status is 200 and the JSON answer has a "class".
+A request counts as a success only if the status is 200 and the JSON answer has a "class". A failure's message
+starts with "status NNN:" (0: no HTTP answer), and a 503 that carries Retry-After (load shedding, as
+documented) says so next: "status 503: [Retry-After 1] ...". BENCH_IMAGE_SET names the image set
+(benchmarks/payloads.py SETS; default "large").
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -18,10 +22,11 @@ from locust import FastHttpUser, task
 from urllib3 import encode_multipart_formdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.payloads import image_bytes  # noqa: E402
+from benchmarks.payloads import image_set  # noqa: E402
 
 # Encoded once, so the load generator spends its CPU on sending, not on building bodies.
-BODIES = [encode_multipart_formdata({"image": ("car.jpg", data, "image/jpeg")}) for data in image_bytes()]
+IMAGES = image_set(os.environ.get("BENCH_IMAGE_SET", "large"))
+BODIES = [encode_multipart_formdata({"image": ("car.jpg", data, "image/jpeg")}) for data in IMAGES]
 
 
 class InferUser(FastHttpUser):  # type: ignore[misc]
@@ -39,7 +44,9 @@ class InferUser(FastHttpUser):  # type: ignore[misc]
             "/infer", data=body, headers={"Content-Type": content_type}, name="/infer", catch_response=True
         ) as response:
             if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
+                retry_after = response.headers.get("Retry-After") if response.headers else None
+                shed = f"[Retry-After {retry_after}] " if retry_after is not None else ""
+                response.failure(f"status {response.status_code}: {shed}{(response.text or '')[:200]}")
                 return
             try:
                 answer = json.loads(response.text or "")

@@ -188,15 +188,23 @@ def _statuses(prefix: Path) -> dict[str, int]:
 
 
 def locust(
-    url: str, profile: Profile, users: int, prefix: Path, during: Callable[[int], Any] | None = None
+    url: str,
+    profile: Profile,
+    users: int,
+    prefix: Path,
+    during: Callable[[int], Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Headless Locust against `url`; `during(locust_pid)`, if given, runs while it does and its result is kept."""
+    """Headless Locust against `url`; `during(locust_pid)`, if given, runs while it does and its result is kept.
+    `env` is added to Locust's environment (BENCH_IMAGE_SET: benchmarks/locustfile.py)."""
     command = [
         sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
         "-u", str(users), "-r", str(users), "-t", f"{profile.duration_s}s",
         "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "10", "--loglevel", "WARNING",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         observed = during(process.pid) if during is not None else None
     finally:
@@ -213,6 +221,7 @@ def locust(
         "errors_by_status": _statuses(prefix),
         "requests_per_s": round(float(row["Requests/s"]), 2),
         "p50_ms": p50,
+        "p90_ms": float(row["90%"]),
         "p95_ms": float(row["95%"]),
         "p99_ms": float(row["99%"]),
         "p99_over_p50": round(float(row["99%"]) / p50, 2) if p50 else None,

@@ -1,0 +1,403 @@
+"""Concurrency sweep, side by side: our service and the naive server at 1 to 32 clients, on two image sets.
+
+    python -m benchmarks.sweep                                  # 6 levels x 2 sets x 2 systems, about 15 minutes
+    python -m benchmarks.sweep --duration 20 --warmup 10 --name sweep-before
+    python -m benchmarks.sweep --variant "" --variant "@HEAD~1" --sets large --levels 1 8
+    python -m benchmarks.sweep --quick                          # 2 levels, short phases: proves the harness
+
+At each concurrency level, each system in turn gets a fresh server (launch to first answer is recorded: a
+cold-start sample), an uncounted warm-up of `--warmup` s at that level, then `--duration` s of headless Locust
+(FastHttpUser, closed loop, no think time) with that many users, while the server's peak RSS is sampled. The
+order alternates from one (set, level) to the next (A B, B A, ...), so a machine that speeds up or slows down
+during the run favours neither. Servers are restarted per level rather than kept warm across levels: each
+point then starts from the same state (no thread pool grown, no heap kept by glibc from a heavier level
+before), its peak RSS belongs to that level alone, and every launch adds a paired cold-start sample.
+
+The systems: our service (`python -m service`, defaults, or each `--variant` given as in benchmarks.ab:
+settings and/or `@REV`) and the naive reference server (benchmarks/baselines/naive_server.py), both on the
+committed artifact. Per level and system: answered/s, p50/p90/p99 (Locust's), errors by kind (503 with
+Retry-After is load shedding; any other 5xx is a failure), peak RSS. The headline is the ratio table, ours
+over naive at each level, measured in the same round. Writes results/<name>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import payloads
+from benchmarks.ab import Variant, parse_variant, service_code
+from benchmarks.report import command_line, provenance, save
+from benchmarks.run import ROOT, Profile, RssSampler, System, _free_port, locust, start, stop, warm_up
+
+HERE = Path(__file__).resolve().parent
+LEVELS = (1, 2, 4, 8, 16, 32)
+QUICK_LEVELS = (1, 4)
+NAIVE = "naive"
+KINDS = ("503 with Retry-After", "other 5xx", "no answer", "other")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A system in the sweep; `system(port)` is how benchmarks.run launches it on a given port."""
+
+    name: str
+    variant: Variant | None = None  # ours: the service settings/revision; None: the naive server
+    code: Path = ROOT
+    env: dict[str, str] = field(default_factory=dict)
+
+    def system(self, port: int) -> System:
+        base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+        if self.variant is None:
+            command = [sys.executable, "-m", "uvicorn", "benchmarks.baselines.naive_server:app"]
+            command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+            return System(self.name, command, base, cwd=ROOT)
+        return System(self.name, [sys.executable, "-m", "service"], base | self.variant.env, cwd=self.code)
+
+
+def contenders(variants: list[Variant], code: dict[str, Path]) -> list[Contender]:
+    ours = [Contender("service" if v.label == "defaults" else f"service {v.label}", v, code[v.label]) for v in variants]
+    return [*ours, Contender(NAIVE)]
+
+
+def error_kinds(prefix: Path) -> dict[str, int]:
+    """Failures by kind, from the locustfile's "status NNN: [Retry-After N] ..." messages."""
+    counts = dict.fromkeys(KINDS, 0)
+    with open(f"{prefix}_failures.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            message, n = row["Message"], int(row["Occurrences"])
+            status = message.split(":")[0].removeprefix("status ").strip() if message.startswith("status ") else ""
+            if status == "503" and message.startswith("status 503: [Retry-After"):
+                counts["503 with Retry-After"] += n
+            elif status.startswith("5"):
+                counts["other 5xx"] += n
+            elif status == "0":
+                counts["no answer"] += n
+            else:
+                counts["other"] += n
+    return counts
+
+
+def measure(
+    contender: Contender,
+    image_set: str,
+    images: list[bytes],
+    users: int,
+    args: argparse.Namespace,
+    work: Path,
+    tag: str,
+) -> dict[str, Any]:
+    """One point: a fresh server, its cold start, warm-up at `users`, then Locust with `users` for --duration."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    tag = f"{tag}-{image_set}-{users}-{contender.name}".replace(" ", "_").replace("/", "_").replace("@", "")
+    process, cold_start = start(contender.system(port), url, images[0], work / f"{tag}.log")
+    try:
+        warm_up(url, images, users, args.warmup)
+        sampler = RssSampler(process.pid)
+        sampler.start()
+        profile = Profile(users=users, duration_s=args.duration, warmup_s=0, engine_s=0)
+        load = locust(url, profile, users, work / tag, env={"BENCH_IMAGE_SET": image_set})
+        rss = sampler.stop()
+    finally:
+        stop(process)
+    return {
+        "answered_per_s": load["ok_per_s"],
+        "requests": load["requests"],
+        "errors": load["errors"],
+        "errors_by_status": load["errors_by_status"],
+        "errors_by_kind": error_kinds(work / tag),
+        "p50_ms": load["p50_ms"],
+        "p90_ms": load["p90_ms"],
+        "p99_ms": load["p99_ms"],
+        "p99_over_p50": load["p99_over_p50"],
+        "peak_rss_mb": rss["peak_mb"],
+        "cold_start_s": round(cold_start, 3),
+    }
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+METRICS = ("answered_per_s", "p50_ms", "p90_ms", "p99_ms", "p99_over_p50", "peak_rss_mb", "cold_start_s")
+
+
+def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Medians over rounds per (set, users, system); ours/naive ratios as medians of same-round ratios."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault((p["set"], p["users"]), []).append(p)
+    summary, ratios = [], []
+    for (image_set, users), group in groups.items():
+        for name in names:
+            mine = [p for p in group if p["system"] == name]
+            row = {"set": image_set, "users": users, "system": name, "rounds": len(mine)}
+            row |= {m: _median(p[m] for p in mine) for m in METRICS}
+            row["errors_by_kind"] = {k: sum(p["errors_by_kind"][k] for p in mine) for k in KINDS}
+            row["requests"] = sum(p["requests"] for p in mine)
+            summary.append(row)
+        naive = {p["round"]: p for p in group if p["system"] == NAIVE}
+        for name in names:
+            if name == NAIVE:
+                continue
+            paired = [(p, naive[p["round"]]) for p in group if p["system"] == name and p["round"] in naive]
+            ratios.append(
+                {
+                    "set": image_set,
+                    "users": users,
+                    "system": name,
+                    **{
+                        f"{m} / naive": _median(_ratio(a[m], b[m]) for a, b in paired)
+                        for m in ("answered_per_s", "p50_ms", "p99_ms", "peak_rss_mb")
+                    },
+                }
+            )
+    cold = []
+    for name in names:
+        values = [p["cold_start_s"] for p in points if p["system"] == name]
+        by_group = {(p["set"], p["users"], p["round"]): p["cold_start_s"] for p in points if p["system"] == NAIVE}
+        paired = [
+            _ratio(p["cold_start_s"], by_group.get((p["set"], p["users"], p["round"])))
+            for p in points
+            if p["system"] == name
+        ]
+        cold.append(
+            {
+                "system": name,
+                "launches": len(values),
+                "median_s": _median(values),
+                "min_s": min(values),
+                "max_s": max(values),
+                "cold start / naive (median of paired launches)": _median(paired),
+            }
+        )
+    return {"summary": summary, "ratios": ratios, "cold_start": cold}
+
+
+def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measurable lines of issue 12's "Done when", read off this run (a report, not an assertion)."""
+    out: list[dict[str, Any]] = []
+    ratios = {(r["set"], r["users"], r["system"]): r for r in result["ratios"]}
+    rows = {(r["set"], r["users"], r["system"]): r for r in result["summary"]}
+    cold = {c["system"]: c for c in result["cold_start"]}
+    for name in result["systems"]:
+        if name == NAIVE:
+            continue
+
+        def add(what: str, value: Any, ok: bool | None, name: str = name) -> None:
+            out.append({"system": name, "check": what, "value": value, "met": ok})
+
+        for image_set in result["sets"]:
+            r = ratios.get((image_set, 1, name))
+            if r:
+                v = r["p50_ms / naive"]
+                add(f"1 client, p50 ours/naive <= 1.0 ({image_set})", v, v is not None and v <= 1.0)
+        r = ratios.get(("large", 8, name))
+        if r:
+            v = r["answered_per_s / naive"]
+            add("8 clients, throughput ours/naive >= 1.2 (large)", v, v is not None and v >= 1.2)
+        for (image_set, users, system), row in rows.items():
+            if system != name or users < 16:
+                continue
+            v = row["p99_over_p50"]
+            add(f"{users} clients, p99/p50 <= 1.5 ({image_set})", v, v is not None and v <= 1.5)
+            bad = row["errors_by_kind"]["other 5xx"]
+            add(f"{users} clients, no 5xx but 503 with Retry-After ({image_set})", bad, bad == 0)
+        peak = max((r["peak_rss_mb"] or 0 for r in result["summary"] if r["system"] == name), default=None)
+        add("peak RSS under load <= 200 MB (all points)", peak, peak is not None and peak <= 200)
+        c = cold.get(name)
+        if c:
+            add("cold start <= 0.35 s (median of launches)", c["median_s"], (c["median_s"] or 1e9) <= 0.35)
+            v = c["cold start / naive (median of paired launches)"]
+            add("cold start <= naive's (median of paired launches)", v, v is not None and v <= 1.0)
+    return out
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    sets = ", ".join(f"{s}: {len(v['sizes'])} sizes {'/'.join(v['sizes'])}" for s, v in result["sets"].items())
+    lines = [
+        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
+        f"available, Python {m['python']}.",
+        f"Each point: a fresh server, launch to first answer (its cold start), {result['warmup_s']} s uncounted "
+        f"warm-up at that concurrency, then {result['duration_s']} s of headless Locust (FastHttpUser, closed loop, "
+        f"no think time) on the same cores; {result['rounds']} round(s); the two systems alternate order at each "
+        f"(set, level). Image sets ({payloads.COUNT} distinct JPEGs each, multipart `image`): {sets}. Latencies are "
+        "Locust's (rounded to 2 significant digits above 100 ms).",
+        "",
+        "**Ours / naive, same round** (throughput > 1 and latency < 1 favour ours):",
+        "",
+        "| image set | clients | system | answered/s ratio | p50 ratio | p99 ratio | peak RSS ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["ratios"]:
+        lines.append(
+            f"| {r['set']} | {r['users']} | {r['system']} | **{_f(r['answered_per_s / naive'], 3)}** | "
+            f"**{_f(r['p50_ms / naive'], 3)}** | {_f(r['p99_ms / naive'], 3)} | {_f(r['peak_rss_mb / naive'], 3)} |"
+        )
+    for image_set in result["sets"]:
+        lines += [
+            "",
+            f"Image set **{image_set}** (medians over rounds):",
+            "",
+            "| clients | system | answered/s | p50 ms | p90 ms | p99 ms | p99/p50 | requests | 503 with Retry-After "
+            "| other 5xx | no answer | other errors | peak RSS MB | cold start s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["summary"]:
+            if r["set"] != image_set:
+                continue
+            e = r["errors_by_kind"]
+            lines.append(
+                f"| {r['users']} | {r['system']} | {_f(r['answered_per_s'])} | {_f(r['p50_ms'], 0)} | "
+                f"{_f(r['p90_ms'], 0)} | {_f(r['p99_ms'], 0)} | {_f(r['p99_over_p50'])} | {r['requests']} | "
+                f"{e['503 with Retry-After']} | {e['other 5xx']} | {e['no answer']} | {e['other']} | "
+                f"{_f(r['peak_rss_mb'], 1)} | {_f(r['cold_start_s'], 3)} |"
+            )
+    lines += [
+        "",
+        "Cold start, launch to the first answered `/infer` (one 640x480 JPEG), every launch of the sweep; the ratio "
+        "pairs each launch of ours with the naive server's at the same (set, level, round):",
+        "",
+        "| system | launches | median s | min s | max s | ours / naive (median of pairs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in result["cold_start"]:
+        lines.append(
+            f"| {c['system']} | {c['launches']} | {_f(c['median_s'], 3)} | {_f(c['min_s'], 3)} | "
+            f"{_f(c['max_s'], 3)} | {_f(c['cold start / naive (median of paired launches)'], 3)} |"
+        )
+    if result["checks"]:
+        lines += [
+            "",
+            "Issue 12's measurable targets, read off this run (one run on a shared machine: a reading, not a proof):",
+            "",
+            "| system | target | value | met |",
+            "|---|---|---|---|",
+        ]
+        for c in result["checks"]:
+            lines.append(f"| {c['system']} | {c['check']} | {_f(c['value'], 3)} | {'yes' if c['met'] else 'no'} |")
+    return lines
+
+
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    """p50 (solid) and p99 (dashed) latency against throughput, one curve per system, one panel per image set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(result["sets"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, image_set in zip(axes[0], sets, strict=True):
+        for i, name in enumerate(result["systems"]):
+            rows = sorted(
+                (r for r in result["summary"] if r["set"] == image_set and r["system"] == name),
+                key=lambda r: r["users"],
+            )
+            x = [r["answered_per_s"] for r in rows]
+            color = colors[i % len(colors)]
+            ax.plot(x, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
+            ax.plot(x, [r["p99_ms"] for r in rows], "s--", color=color, label=f"{name} p99", alpha=0.8)
+            for r in rows:
+                ax.annotate(str(r["users"]), (r["answered_per_s"], r["p50_ms"]), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=color)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("answered requests/s")
+        ax.set_ylabel("latency ms (log scale)")
+        ax.set_title(f"{image_set} images (labels: concurrent clients)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['command']}\n{result['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--levels", type=int, nargs="+", help=f"concurrent clients (default {' '.join(map(str, LEVELS))})"
+    )
+    parser.add_argument("--duration", type=int, help="measured Locust seconds per point (default 20)")
+    parser.add_argument("--warmup", type=float, help="uncounted warm-up seconds per point (default 10)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep; medians over rounds")
+    parser.add_argument("--sets", nargs="+", choices=list(payloads.SETS), default=list(payloads.SETS))
+    parser.add_argument(
+        "--variant", action="append", type=parse_variant, help='ours, as in benchmarks.ab: "", "THREADS=4", "@HEAD~1"'
+    )
+    parser.add_argument("--quick", action="store_true", help="levels 1 and 4, 5 s points: proves the harness")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", help="result file name (default sweep, or sweep-quick with --quick)")
+    args = parser.parse_args(argv)
+    args.levels = args.levels or list(QUICK_LEVELS if args.quick else LEVELS)
+    args.duration = args.duration or (5 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 10.0)
+    variants: list[Variant] = args.variant or [Variant()]
+    if len({v.label for v in variants}) != len(variants):
+        parser.error("the variants must differ")
+    if min(args.levels) < 1 or args.rounds < 1 or args.duration < 2:
+        parser.error("levels and rounds must be at least 1, --duration at least 2")
+    name = args.name or ("sweep-quick" if args.quick else "sweep")
+
+    images = {s: payloads.image_set(s) for s in args.sets}
+    points: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        work = Path(tmp)
+        systems = contenders(variants, service_code(variants, work))
+        group = 0
+        for round_index in range(args.rounds):
+            for image_set in args.sets:
+                for users in args.levels:
+                    # A B, B A, ...: alternating at every (set, level), so drift favours neither system.
+                    order = systems if group % 2 == 0 else systems[::-1]
+                    group += 1
+                    for position, contender in enumerate(order):
+                        point = measure(contender, image_set, images[image_set], users, args, work, f"r{round_index}")
+                        point = {"set": image_set, "users": users, "round": round_index, "system": contender.name,
+                                 "position": position, **point}  # fmt: skip
+                        print(f"{image_set} {users} clients {contender.name}: {point}", flush=True)
+                        points.append(point)
+    names = [c.name for c in systems]
+    result: dict[str, Any] = {
+        **provenance(command_line("python -m benchmarks.sweep", argv)),
+        "levels": args.levels,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "rounds": args.rounds,
+        "servers": "restarted for every point (fresh launch, warm-up at that level), order alternating per level",
+        "sets": {
+            s: {"count": len(images[s]), "sizes": [f"{w}x{h}" for w, h in payloads.SETS[s][0]]} for s in args.sets
+        },
+        "systems": names,
+        "points": points,
+        **summarize(points, names),
+    }
+    result["checks"] = checks(result)
+    save(args.out, name, result, markdown(result))
+    write_plot(result, args.out / f"{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
