@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks import payloads, window
 from benchmarks.report import command_line, provenance, save
@@ -33,7 +33,11 @@ from benchmarks.run import ROOT, service_under_load
 
 HERE = Path(__file__).resolve().parent
 USERS = 8
+# Git refuses a repository owned by another user ("dubious ownership": a checkout mounted into a container, a CI
+# workspace). The only repository asked is the one this code runs from, which is trusted already.
+GIT = ("git", "-c", "safe.directory=*")
 ROLES = ("inference", "decode", "event loop", "other", "load generator")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Variant:
 
 def _short_hash(revision: str) -> str:
     found = subprocess.run(
-        ["git", "rev-parse", "--short", "--verify", f"{revision}^{{commit}}"],
+        [*GIT, "rev-parse", "--short", "--verify", f"{revision}^{{commit}}"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     if found.returncode != 0:
@@ -80,7 +84,7 @@ def add_variant_option(parser: argparse.ArgumentParser) -> None:
 
 def checkout_service(revision: str, into: Path) -> Path:
     """`service/` as it was at `revision`, in a folder of its own; the folder to run `python -m service` in."""
-    archive = subprocess.run(["git", "archive", "--format=tar", revision, "service"], cwd=ROOT, capture_output=True)
+    archive = subprocess.run([*GIT, "archive", "--format=tar", revision, "service"], cwd=ROOT, capture_output=True)
     if archive.returncode != 0:
         raise RuntimeError(f"git archive {revision} service: {archive.stderr.decode().strip()}")
     code = into / f"rev-{revision}"
@@ -94,7 +98,7 @@ def service_code(variants: list[Variant], work: Path) -> dict[str, Path]:
     return {v.label: checkout_service(v.revision, work) if v.revision else ROOT for v in variants}
 
 
-def alternating(variants: list[Variant], round_index: int) -> list[Variant]:
+def alternating(variants: list[T], round_index: int) -> list[T]:
     """A B, B A, A B...: a machine that speeds up or slows down during the run favours no variant."""
     return variants if round_index % 2 == 0 else variants[::-1]
 

@@ -2,13 +2,16 @@
 
     python -m benchmarks.cold_start --variant "@HEAD~1" --variant ""     # about 1 minute
     python -m benchmarks.cold_start --variant "" --launches 3 --out /tmp/x
+    python -m benchmarks.cold_start --variant "" --naive                  # ours beside the naive server
 
 The same measurement as the cold-start column of `python -m benchmarks.run` (benchmarks.run.start: launch
 `python -m service` on the committed artifact, post one JPEG until it is answered), repeated: one launch
 is one sample of a figure that moves by tens of milliseconds with the machine's load. Variants are given
 as in benchmarks.ab (environment settings and/or `@REV` for another revision's `service/`). Round 0 runs
 every variant once uncounted, so the page cache is warm for all; then each round launches every variant
-once, in alternating order. Writes results/<name>.{json,md}.
+once, in alternating order. With --naive, the naive reference server (benchmarks/baselines/naive_server.py,
+the yardstick of benchmarks.sweep) is launched in every round too, as one more variant. Writes
+results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import argparse
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,15 @@ from benchmarks import payloads
 from benchmarks.ab import Variant, add_variant_option, alternating, service_code
 from benchmarks.report import command_line, provenance, save
 from benchmarks.run import ROOT, System, _free_port, start, stop
+from benchmarks.sweep import NAIVE, Contender
 
 HERE = Path(__file__).resolve().parent
+
+
+def _time_to_first_answer(system: System, port: int, image: bytes, log: Path) -> float:
+    process, seconds = start(system, f"http://127.0.0.1:{port}", image, log)
+    stop(process)
+    return seconds
 
 
 def launch(variant: Variant, where: Path, image: bytes, log: Path) -> float:
@@ -33,20 +45,24 @@ def launch(variant: Variant, where: Path, image: bytes, log: Path) -> float:
     port = _free_port()
     env = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
     system = System(variant.label, [sys.executable, "-m", "service"], env | variant.env, cwd=where)
-    process, seconds = start(system, f"http://127.0.0.1:{port}", image, log)
-    stop(process)
-    return seconds
+    return _time_to_first_answer(system, port, image, log)
 
 
-def summarize(variants: list[Variant], rounds: list[dict[str, float]]) -> list[dict[str, Any]]:
-    first = variants[0].label
+def launch_naive(image: bytes, log: Path) -> float:
+    """The same for the naive reference server (uvicorn, module-level session)."""
+    port = _free_port()
+    return _time_to_first_answer(Contender(NAIVE).system(port), port, image, log)
+
+
+def summarize(labels: list[str], rounds: list[dict[str, float]]) -> list[dict[str, Any]]:
+    first = labels[0]
     out = []
-    for variant in variants:
-        values = [r[variant.label] for r in rounds]
-        ratios = [r[variant.label] / r[first] for r in rounds]
+    for label in labels:
+        values = [r[label] for r in rounds]
+        ratios = [r[label] / r[first] for r in rounds]
         out.append(
             {
-                "variant": variant.label,
+                "variant": label,
                 "median_s": round(statistics.median(values), 3),
                 "min_s": round(min(values), 3),
                 "max_s": round(max(values), 3),
@@ -63,7 +79,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
         f"available, Python {m['python']}. {len(result['rounds'])} counted launches per variant (after one "
         "uncounted each); cold start = process launch to the first answered `/infer` (one 640x480 JPEG), "
-        "committed artifact.",
+        "committed artifact."
+        + (
+            " `naive`: the naive reference server (benchmarks/baselines/naive_server.py) on the same artifact."
+            if NAIVE in result["variants"]
+            else ""
+        ),
         "",
         f"| variant | median s | min s | max s | cold start / {first} (median of rounds) |",
         "|---|---|---|---|---|",
@@ -80,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__.split("\n\n")[0])
     add_variant_option(parser)
     parser.add_argument("--launches", type=int, default=10, help="counted launches per variant")
+    parser.add_argument("--naive", action="store_true", help="launch the naive reference server in every round too")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="cold_start")
     args = parser.parse_args(argv)
@@ -94,16 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
         work = Path(tmp)
         code = service_code(variants, work)
+        launchers: list[tuple[str, Callable[[bytes, Path], float]]] = [
+            (v.label, partial(launch, v, code[v.label])) for v in variants
+        ]
+        if args.naive:
+            launchers.append((NAIVE, launch_naive))
         for i in range(args.launches + 1):
-            seconds = {v.label: launch(v, code[v.label], image, work / f"{i}.log") for v in alternating(variants, i)}
+            seconds = {label: run(image, work / f"{i}.log") for label, run in alternating(launchers, i)}
             print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
             if i:
                 rounds.append(seconds)
     result = {
         **provenance(command_line("python -m benchmarks.cold_start", argv)),
-        "variants": [v.label for v in variants],
+        "variants": [label for label, _ in launchers],
         "rounds": rounds,
-        "summary": summarize(variants, rounds),
+        "summary": summarize([label for label, _ in launchers], rounds),
     }
     save(args.out, args.name, result, markdown(result))
     return 0

@@ -6,7 +6,9 @@
 A request counts as a success only if the status is 200 and the JSON answer has a "class". A failure's message
 starts with "status NNN:" (0: no HTTP answer), and a 503 that carries Retry-After (load shedding, as
 documented) says so next: "status 503: [Retry-After 1] ...". BENCH_IMAGE_SET names the image set
-(benchmarks/payloads.py SETS; default "large").
+(benchmarks/payloads.py SETS; default "large"). With --csv PREFIX, the failures are also written to
+PREFIX_failures.json when Locust quits: its _failures.csv is rewritten only once a second, so it can miss the
+last second's failures.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import random
 import sys
 from pathlib import Path
 
-from locust import FastHttpUser, task
+from locust import FastHttpUser, events, task
+from locust.env import Environment
 from urllib3 import encode_multipart_formdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +30,28 @@ from benchmarks.payloads import image_set  # noqa: E402
 # Encoded once, so the load generator spends its CPU on sending, not on building bodies.
 IMAGES = image_set(os.environ.get("BENCH_IMAGE_SET", "large"))
 BODIES = [encode_multipart_formdata({"image": ("car.jpg", data, "image/jpeg")}) for data in IMAGES]
+
+
+_ENVIRONMENT: list[Environment] = []
+
+
+@events.init.add_listener
+def _remember(environment: Environment, **kwargs: object) -> None:
+    _ENVIRONMENT.append(environment)
+
+
+@events.quit.add_listener
+def _write_failures(**kwargs: object) -> None:
+    # Fired after every user has stopped, before Locust closes its CSV files: the final counts.
+    if not _ENVIRONMENT or not getattr(_ENVIRONMENT[0].parsed_options, "csv_prefix", None):
+        return
+    environment = _ENVIRONMENT[0]
+    failures: dict[str, int] = {}
+    for error in environment.stats.errors.values():
+        args = getattr(error.error, "args", None)  # a CatchResponseError carries the message given to failure()
+        message = str(args[0]) if args else str(error.error)
+        failures[message] = failures.get(message, 0) + error.occurrences
+    Path(f"{environment.parsed_options.csv_prefix}_failures.json").write_text(json.dumps(failures))
 
 
 class InferUser(FastHttpUser):  # type: ignore[misc]

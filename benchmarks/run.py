@@ -10,6 +10,7 @@ uncounted warm-up) with the same JPEG bytes. Writes results/<name>.json, results
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import os
@@ -176,14 +177,29 @@ def warm_up(url: str, images: list[bytes], users: int, seconds: float) -> None:
         list(pool.map(loop, range(users)))
 
 
-def _statuses(prefix: Path) -> dict[str, int]:
-    """Failures by HTTP status, from the locustfile's "status NNN: ..." messages."""
+def failures(prefix: Path) -> dict[str, int]:
+    """Occurrences by failure message, as the locustfile wrote them when Locust quit (PREFIX_failures.json),
+    else from Locust's PREFIX_failures.csv (its "Error" column holds the repr of a CatchResponseError)."""
+    final = Path(f"{prefix}_failures.json")
+    if final.exists():
+        loaded: dict[str, int] = json.loads(final.read_text())
+        return loaded
     counts: dict[str, int] = {}
     with open(f"{prefix}_failures.csv", newline="") as f:
         for row in csv.DictReader(f):
-            message = row["Message"]
-            status = message.split(":")[0].removeprefix("status ").strip() if message.startswith("status") else "other"
-            counts[status] = counts.get(status, 0) + int(row["Occurrences"])
+            message = row["Error"]
+            if message.startswith("CatchResponseError(") and message.endswith(")"):
+                message = str(ast.literal_eval(message.removeprefix("CatchResponseError(").removesuffix(")")))
+            counts[message] = counts.get(message, 0) + int(row["Occurrences"])
+    return counts
+
+
+def _statuses(prefix: Path) -> dict[str, int]:
+    """Failures by HTTP status, from the locustfile's "status NNN: ..." messages."""
+    counts: dict[str, int] = {}
+    for message, n in failures(prefix).items():
+        status = message.split(":")[0].removeprefix("status ").strip() if message.startswith("status") else "other"
+        counts[status] = counts.get(status, 0) + n
     return counts
 
 

@@ -23,7 +23,6 @@ over naive at each level, measured in the same round. Writes results/<name>.{jso
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 from benchmarks import payloads
 from benchmarks.ab import Variant, parse_variant, service_code
 from benchmarks.report import command_line, provenance, save
-from benchmarks.run import ROOT, Profile, RssSampler, System, _free_port, locust, start, stop, warm_up
+from benchmarks.run import ROOT, Profile, RssSampler, System, _free_port, failures, locust, start, stop, warm_up
 
 HERE = Path(__file__).resolve().parent
 LEVELS = (1, 2, 4, 8, 16, 32)
@@ -70,18 +69,16 @@ def contenders(variants: list[Variant], code: dict[str, Path]) -> list[Contender
 def error_kinds(prefix: Path) -> dict[str, int]:
     """Failures by kind, from the locustfile's "status NNN: [Retry-After N] ..." messages."""
     counts = dict.fromkeys(KINDS, 0)
-    with open(f"{prefix}_failures.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            message, n = row["Message"], int(row["Occurrences"])
-            status = message.split(":")[0].removeprefix("status ").strip() if message.startswith("status ") else ""
-            if status == "503" and message.startswith("status 503: [Retry-After"):
-                counts["503 with Retry-After"] += n
-            elif status.startswith("5"):
-                counts["other 5xx"] += n
-            elif status == "0":
-                counts["no answer"] += n
-            else:
-                counts["other"] += n
+    for message, n in failures(prefix).items():
+        status = message.split(":")[0].removeprefix("status ").strip() if message.startswith("status ") else ""
+        if status == "503" and message.startswith("status 503: [Retry-After"):
+            counts["503 with Retry-After"] += n
+        elif status.startswith("5"):
+            counts["other 5xx"] += n
+        elif status == "0":
+            counts["no answer"] += n
+        else:
+            counts["other"] += n
     return counts
 
 

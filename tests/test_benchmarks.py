@@ -4,7 +4,9 @@ result files were written; never a speed: speed is what the harness reports, not
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -12,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
-from benchmarks.ab import checkout_service, parse_variant
+from benchmarks.ab import GIT, checkout_service, parse_variant
+from benchmarks.payloads import image_set
+from benchmarks.sweep import error_kinds
 from tests.helpers import ROOT
+from tests.system import IN_CI
 
 
 def _missing(module: str) -> bool:
@@ -101,14 +107,37 @@ def test_saturation_rounds_run(tmp_path: Path) -> None:
     assert "**median**" in (tmp_path / "saturation.md").read_text()
 
 
-def _is_git_checkout() -> bool:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+@pytest.fixture
+def git_checkout() -> None:
+    """The A/B of revisions needs the repository these tests run from. Git's refusal of a checkout owned by
+    another user is not a reason to skip (benchmarks.ab passes safe.directory); only a tree with no repository
+    at all is, and in CI, which always runs in a clone, not even that."""
+    found = subprocess.run([*GIT, "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if found.returncode == 0:
+        return
+    if "not a git repository" in found.stderr:
+        message = f"{ROOT} is not in a git repository (an unpacked source archive?): A/B of revisions needs one"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    pytest.fail(f"git rev-parse HEAD in {ROOT} failed: {found.stderr.strip()}")
 
 
-needs_git = pytest.mark.skipif(not _is_git_checkout(), reason="needs a git checkout (A/B of revisions)")
+@pytest.mark.usefixtures("git_checkout")
+def test_ab_reads_a_repository_that_git_calls_of_dubious_ownership(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Git's own switch for testing its ownership check: as if the checkout belonged to another user, which is
+    # what a CI workspace or a mounted volume often is.
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    refused = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "dubious ownership" in refused.stderr, refused
+    revision = parse_variant("@HEAD").revision
+    assert revision is not None
+    assert (checkout_service(revision, tmp_path) / "service" / "__main__.py").is_file()
 
 
-@needs_git
+@pytest.mark.usefixtures("git_checkout")
 def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> None:
     variants = ("--variant", "", "--variant", "@HEAD WORKERS=1")
     data = _run_benchmark(
@@ -124,7 +153,7 @@ def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> Non
     assert "WORKERS=1" in (tmp_path / "ab.md").read_text()
 
 
-@needs_git
+@pytest.mark.usefixtures("git_checkout")
 def test_ab_runs_a_revision_from_its_own_copy_of_the_service(tmp_path: Path) -> None:
     code = checkout_service(parse_variant("@HEAD").revision or "", tmp_path)
     committed = subprocess.run(["git", "show", "HEAD:service/app.py"], cwd=ROOT, capture_output=True, text=True)
@@ -149,18 +178,72 @@ def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
     assert data["images"] == 48 and "| decode |" in (tmp_path / "preprocess.md").read_text()
 
 
-@needs_git
-def test_cold_start_launches_each_variant(tmp_path: Path) -> None:
-    variants = ("--variant", "", "--variant", "@HEAD WORKERS=1")
+@pytest.mark.usefixtures("git_checkout")
+def test_cold_start_launches_each_variant_and_the_naive_server(tmp_path: Path) -> None:
+    variants = ("--variant", "", "--variant", "@HEAD WORKERS=1", "--naive")
     data = _run_benchmark("cold_start", *variants, "--launches", "1", out=tmp_path, result="cold_start")
     (counted,) = data["rounds"]  # launch 0 warms the page cache and is not counted
-    defaults, other = data["summary"]
-    assert defaults["variant"] == "defaults" and other["variant"].endswith("WORKERS=1")
-    assert set(counted) == {"defaults", other["variant"]}
+    defaults, other, naive = data["summary"]
+    assert defaults["variant"] == "defaults" and other["variant"].endswith("WORKERS=1") and naive["variant"] == "naive"
+    assert set(counted) == {"defaults", other["variant"], "naive"}
     assert 0 < defaults["min_s"] <= defaults["median_s"] <= defaults["max_s"] < 180
     assert defaults["cold start / first (median of rounds)"] == 1.0
-    assert other["median_s"] > 0
-    assert "WORKERS=1" in (tmp_path / "cold_start.md").read_text()
+    assert other["median_s"] > 0 and naive["median_s"] > 0
+    table = (tmp_path / "cold_start.md").read_text()
+    assert "WORKERS=1" in table and "| naive |" in table
+
+
+def test_sweep_quick_writes_every_point_both_sets_and_the_plot(tmp_path: Path) -> None:
+    data = _run_benchmark("sweep", "--quick", out=tmp_path, result="sweep-quick", timeout=600)
+    assert data["systems"] == ["service", "naive"] and data["levels"] == [1, 4]
+    assert set(data["sets"]) == {"large", "small"}
+    points = {(p["set"], p["users"], p["system"]): p for p in data["points"]}
+    assert len(points) == len(data["points"]) == 2 * 2 * 2
+    for point in data["points"]:
+        assert point["requests"] > 0 and point["answered_per_s"] > 0, point
+        assert 0 < point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"], point
+        assert point["peak_rss_mb"] > 0 and point["cold_start_s"] > 0, point
+        # Neither server sheds or fails at 4 clients: every request is answered.
+        assert point["errors"] == 0 and sum(point["errors_by_kind"].values()) == 0, point
+    # Each (set, level) ran both systems, in the order that alternates from one (set, level) to the next.
+    firsts = [p["system"] for p in data["points"] if p["position"] == 0]
+    assert firsts == ["service", "naive", "service", "naive"]
+    assert {(r["set"], r["users"]) for r in data["ratios"]} == {(s, u) for s in ("large", "small") for u in (1, 4)}
+    for ratio in data["ratios"]:
+        assert ratio["system"] == "service" and ratio["answered_per_s / naive"] > 0 and ratio["p50_ms / naive"] > 0
+    assert {c["system"]: c["launches"] for c in data["cold_start"]} == {"service": 4, "naive": 4}
+    assert any(c["check"].startswith("1 client, p50") for c in data["checks"])
+    table = (tmp_path / "sweep-quick.md").read_text()
+    assert "Ours / naive" in table and "Image set **small**" in table and "Image set **large**" in table
+    assert (tmp_path / "sweep-quick.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_sorts_failures_by_kind(tmp_path: Path) -> None:
+    # The messages benchmarks/locustfile.py gives response.failure(), in Locust's failures file as Locust writes
+    # them (the repr of a CatchResponseError), then in the locustfile's own final count, which wins.
+    messages = {
+        'status 503: [Retry-After 1] {"error": "overloaded"}': 7,
+        "status 503: upstream gone": 2,
+        "status 500: Internal Server Error": 3,
+        "status 0: ConnectionResetError(104, 'Connection reset by peer')": 4,
+        "status 413: too large": 1,
+        "answer is not JSON": 5,
+    }
+    with (tmp_path / "x_failures.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Method", "Name", "Error", "Occurrences", "First Seen", "Last Seen"])
+        writer.writerows(("POST", "/infer", f"CatchResponseError({m!r})", n, "", "") for m, n in messages.items())
+    assert error_kinds(tmp_path / "x") == {"503 with Retry-After": 7, "other 5xx": 5, "no answer": 4, "other": 6}
+    (tmp_path / "x_failures.json").write_text(json.dumps({"status 503: [Retry-After 2] {}": 9}))
+    assert error_kinds(tmp_path / "x") == {"503 with Retry-After": 9, "other 5xx": 0, "no answer": 0, "other": 0}
+
+
+def test_the_small_image_set_is_deterministic_and_small() -> None:
+    small, large = image_set("small"), image_set("large")
+    assert len(small) == len(large) == 48 and len(set(small)) == 48 and not set(small) & set(large)
+    sizes = {Image.open(io.BytesIO(b)).size for b in small}
+    assert sizes == {(640, 480), (560, 310)}
+    assert image_set("small") == small
 
 
 def test_collecting_this_module_leaves_the_test_process_unpatched() -> None:
