@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from service import endpoints
+from service import docs_page, endpoints, openapi
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import Metrics, MetricsMiddleware
+from service.middleware import ApiKey, ClientGuard
 from service.model import Classifier
 from service.scheduler import Admission, Scheduler
 from service.settings import Settings
@@ -74,11 +76,13 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         Route("/ready", endpoints.ready, methods=["GET"]),
         Route("/infer", endpoints.infer, methods=["POST"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+        Route("/docs", docs_page.docs, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        middleware=_middleware(settings, metrics),
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -87,6 +91,38 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     # Room for everything the engine holds plus the queue: past that a request is refused before its body.
     app.state.admission = Admission(settings.max_queue + settings.workers * settings.max_batch)
     return app
+
+
+# Open without an API key: probes, and what a person or a client needs to find out how to call the service.
+PUBLIC_PATHS = frozenset({"/", "/ping", "/ready", "/docs", "/openapi.json", "/v2/health/live", "/v2/health/ready"})
+
+
+def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:
+    """Outermost first: every answer is counted, the client guard sees every request, CORS answers preflights
+    before the key is asked for."""
+    stack = [
+        Middleware(MetricsMiddleware, metrics=metrics),
+        Middleware(
+            ClientGuard,
+            read_timeout_s=settings.request_read_timeout_s,
+            min_upload_bytes_per_s=settings.min_upload_bytes_per_s,
+            max_requests=settings.max_connections,
+            max_discard_bytes=settings.max_discard_bytes,
+        ),
+    ]
+    if settings.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+                max_age=600,
+            )
+        )
+    if settings.api_keys:
+        stack.append(Middleware(ApiKey, keys=settings.api_keys, public=PUBLIC_PATHS))
+    return stack
 
 
 def __getattr__(name: str) -> Starlette:

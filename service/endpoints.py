@@ -85,8 +85,10 @@ async def infer(request: Request) -> JSONResponse:
     admission: Admission = state.admission
     k = _top_k(request)
     deadline = time.monotonic() + settings.request_timeout_s
+    # Admission counts only requests whose body is here: one still arriving (however slowly) holds no slot;
+    # the client guard bounds and times those (service/middleware.py).
+    data = await read_image_bytes(request, settings.max_upload_bytes)
     with admission.admit():
-        data = await read_image_bytes(request, settings.max_upload_bytes)
         # Decoding runs in its own bounded pool, overlapping the engine's work, never on the event loop.
         started = time.perf_counter()
         pixels = await asyncio.get_running_loop().run_in_executor(

@@ -31,6 +31,14 @@ class MalformedBody(ServiceError):
     status_code, code = 400, "malformed_body"
 
 
+class Unauthorized(ServiceError):
+    status_code, code = 401, "unauthorized"
+
+
+class RequestTimeout(ServiceError):
+    status_code, code = 408, "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status_code, code = 413, "payload_too_large"
 

@@ -43,5 +43,9 @@ def serve(settings: Settings, classifier: Classifier) -> None:
         access_log=False,
         # No WebSocket routes; "auto" would import wsproto at start-up (20 ms of the cold start).
         ws="none",
+        # Above the idle timeouts of common load balancers (60 s): uvicorn's 5 s makes a proxy reuse a
+        # connection the server has just closed, and the client gets a 502 (kserve/kserve#5446).
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+        server_header=False,
     )
     Server(config, app).run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,6 +40,25 @@ def _float(env: Mapping[str, str], key: str, default: float, minimum: float) -> 
     return _number(env, key, default, minimum, float)
 
 
+def _list(env: Mapping[str, str], key: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(key, "").split(",") if item.strip())
+
+
+def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """API_KEY (one key) and API_KEY_FILE (one key a line, `#` comments): either, both, or neither."""
+    keys = [env["API_KEY"].strip()] if env.get("API_KEY", "").strip() else []
+    path = env.get("API_KEY_FILE", "").strip()
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"API_KEY_FILE={path!r} cannot be read: {exc.__class__.__name__}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise SettingsError(f"API_KEY_FILE={path!r} holds no key")
+    return tuple(keys)
+
+
 def default_decode_threads(threads: int) -> int:
     """One decoder per 4 engine cores, at least one.
 
@@ -67,6 +86,15 @@ class Settings:
     max_queue: int = 64
     request_timeout_s: float = 30.0
     decode_threads: int = 1
+    # Clients (service/middleware.py). A body must keep arriving: REQUEST_READ_TIMEOUT_S of grace, then at
+    # least MIN_UPLOAD_BYTES_PER_S on average; 408 past that. 10 MiB at 128 kbit/s (16 KiB/s) still arrives.
+    request_read_timeout_s: float = 10.0
+    min_upload_bytes_per_s: int = 16 * 1024
+    max_connections: int = 128
+    max_discard_bytes: int = 256 * 1024 * 1024
+    timeout_keep_alive_s: int = 75
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def intra_op_threads(self) -> int:
@@ -93,4 +121,11 @@ class Settings:
             max_queue=_int(env, "MAX_QUEUE", 64),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 30.0, minimum=0.001),
             decode_threads=_int(env, "DECODE_THREADS", default_decode_threads(threads)),
+            request_read_timeout_s=_float(env, "REQUEST_READ_TIMEOUT_S", 10.0, minimum=0.001),
+            min_upload_bytes_per_s=_int(env, "MIN_UPLOAD_BYTES_PER_S", 16 * 1024),
+            max_connections=_int(env, "MAX_CONNECTIONS", 128),
+            max_discard_bytes=_int(env, "MAX_DISCARD_BYTES", 256 * 1024 * 1024, minimum=0),
+            timeout_keep_alive_s=_int(env, "TIMEOUT_KEEP_ALIVE_S", 75),
+            api_keys=_api_keys(env),
+            cors_origins=_list(env, "CORS_ORIGINS"),
         )
