@@ -144,7 +144,8 @@ def start(system: System, url: str, image: bytes, log: Path) -> tuple[subprocess
     with httpx.Client(timeout=30) as client:
         while time.perf_counter() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"{system.name} exited with {process.returncode}; see {log}")
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{system.name} exited with {process.returncode}; {log} ends:\n{tail}")
             try:
                 if client.post(f"{url}/infer", **_multipart(image)).status_code == 200:
                     return process, time.perf_counter() - launched
