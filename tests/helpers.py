@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -18,9 +20,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
 
 from export.artifact import placeholder_model_file, write_artifact
-from service.manifest import Labels, Manifest, OutputSpec, Preprocessing, TensorSpec
+from service.manifest import Labels, Manifest, OutputSpec, Preprocessing, TensorSpec, sha256_file
+from service.model import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -29,22 +34,24 @@ CARS = SHARED / "data" / "cars"
 TINY_LABELS = ["red", "green", "blue", "dark"]
 
 
-def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0, logits: bool = False) -> onnx.ModelProto:
+def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0, logits: bool = False, nchw: bool = False) -> onnx.ModelProto:
     """mean colour -> 4 classes: which of R, G, B dominates, or "dark". Small, real and predictable.
 
     `busy_matmuls` adds a chain of 384x384 matrix products that depends on the input (so it cannot be
     constant-folded) but not the answer: a model that takes real engine time, for load tests.
+    `nchw` takes (batch, 3, size, size) instead of (batch, size, size, 3).
     """
     w = 10.0 * np.array([[1, 0, 0, -1 / 3], [0, 1, 0, -1 / 3], [0, 0, 1, -1 / 3]], dtype=np.float32)
     b = np.array([0, 0, 0, 5.0], dtype=np.float32)
     initializers = [
+        onnx.numpy_helper.from_array(np.array([2, 3] if nchw else [1, 2], dtype=np.int64), "pixel_axes"),
         onnx.numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
         onnx.numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
         onnx.numpy_helper.from_array(w, "w"),
         onnx.numpy_helper.from_array(b, "b"),
     ]
     nodes = [
-        helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
+        helper.make_node("ReduceMean", ["input", "pixel_axes"], ["mean"], keepdims=0),
         helper.make_node("Mul", ["mean", "inv255"], ["scaled"]),
         helper.make_node("MatMul", ["scaled", "w"], ["mm"]),
         helper.make_node("Add", ["mm", "b"], ["raw"]),
@@ -74,7 +81,11 @@ def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0, logits: bool = False) 
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", size, size, 3])],
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["batch", 3, size, size] if nchw else ["batch", size, size, 3]
+            )
+        ],
         [helper.make_tensor_value_info("logits" if logits else "probabilities", TensorProto.FLOAT, ["batch", 4])],
         initializer=initializers,
     )
@@ -84,16 +95,19 @@ def tiny_onnx_model(size: int = 8, busy_matmuls: int = 0, logits: bool = False) 
     return model
 
 
-def write_tiny_artifact(out: Path, size: int = 8, busy_matmuls: int = 0, logits: bool = False) -> Manifest:
+def write_tiny_artifact(
+    out: Path, size: int = 8, busy_matmuls: int = 0, logits: bool = False, nchw: bool = False
+) -> Manifest:
     model_path = out.parent / f"{out.name}-tiny.onnx"
-    onnx.save(tiny_onnx_model(size, busy_matmuls, logits), str(model_path))
+    onnx.save(tiny_onnx_model(size, busy_matmuls, logits, nchw), str(model_path))
+    shape = (None, 3, size, size) if nchw else (None, size, size, 3)
     manifest = Manifest(
         name="tiny-colour-classifier",
         description="test model: dominant colour",
         trained=True,
         created_at="2026-01-01T00:00:00+00:00",
         model=placeholder_model_file("fp32", 18),
-        input=TensorSpec(name="input", shape=(None, size, size, 3), layout="NHWC", dtype="float32"),
+        input=TensorSpec(name="input", shape=shape, layout="NCHW" if nchw else "NHWC", dtype="float32"),
         output=OutputSpec(name="logits", kind="logits") if logits else OutputSpec("probabilities", "probabilities"),
         preprocessing=Preprocessing(height=size, width=size),
         labels=Labels(file="", count=len(TINY_LABELS), sha256=""),
@@ -167,3 +181,194 @@ def running_service(model_dir: Path, log: Path, **env: str) -> Iterator[Server]:
         yield server
     finally:
         stop_service(server)
+
+
+def write_unrunnable_model(artifact: Path) -> None:
+    """Rewrite the artifact's model so it loads and passes every load-time check but fails on every run."""
+    model = onnx.load(str(artifact / "model.onnx"))
+    # Reshape the (batch, 4) answer to the input's own shape: valid as a graph, fails on every run.
+    (output,) = model.graph.output
+    model.graph.node[-1].output[0] = "answer"
+    model.graph.node.extend(
+        [
+            helper.make_node("Shape", ["input"], ["input_shape"]),
+            helper.make_node("Reshape", ["answer", "input_shape"], [output.name]),
+        ]
+    )
+    output.type.tensor_type.ClearField("shape")
+    onnx.save(model, str(artifact / "model.onnx"))
+    edit_manifest(
+        artifact,
+        lambda m: m["model"].update(
+            sha256=sha256_file(artifact / "model.onnx"), bytes=(artifact / "model.onnx").stat().st_size
+        ),
+    )
+
+
+def edit_manifest(artifact: Path, edit: Callable[[dict[str, object]], object]) -> None:
+    import json
+
+    path = artifact / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+# --- The service's own counters, read from /metrics: tests wait on these instead of sleeping. ---
+
+
+def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of sample `name` with these labels (0 when the series does not exist yet)."""
+    for sample_name, sample_labels, value in metric_samples(text):
+        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items()):
+            return value
+    return 0.0
+
+
+def server_metric(server: Server, name: str, **labels: str) -> float:
+    return metric(httpx.get(f"{server.url}/metrics", timeout=30).text, name, **labels)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Poll `condition` until it holds. The timeout only stops a broken test from hanging; nothing is timed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {timeout:g} s")
+        time.sleep(0.005)
+
+
+# --- In-process: the real app, a real onnxruntime session and a real event loop, without a socket. ---
+
+
+class GatedClassifier(Classifier):
+    """The real classifier, whose engine runs wait until the test opens the gate.
+
+    The test, not the clock, decides when a run ends: "one request in the engine, two queued" is a state
+    the test creates and then observes, on any machine and under any load.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.gate.set()
+        self._lock = threading.Lock()
+        self.runs = 0  # engine runs started
+        self.images = 0  # images in those runs
+        self.finished = threading.Event()  # set when a run returns (or raises)
+        self.fail_with: Exception | None = None
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> GatedClassifier:
+        classifier = cls.load(model_dir, 1, warm=True)
+        assert isinstance(classifier, cls)
+        classifier.runs = classifier.images = 0
+        return classifier
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Engine runs wait inside this block; leaving it (an assertion failing included) lets them finish."""
+        self.gate.clear()
+        try:
+            yield
+        finally:
+            self.gate.set()
+
+    def predict(self, batch: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
+        with self._lock:
+            self.runs += 1
+            self.images += len(batch)
+        try:
+            if not self.gate.wait(timeout=20):
+                raise RuntimeError("the test never opened the gate")
+            return super().predict(batch, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            self.finished.set()
+
+
+def make_app(classifier: Classifier | None = None, **env: str) -> Starlette:
+    """The real app, configured through the same environment variables as the service; `classifier` handed over."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings.from_env({"THREADS": "1", "WORKERS": "1", **env})
+    return create_app(settings, classifier)
+
+
+def asgi_client(app: Starlette) -> httpx.AsyncClient:
+    # Starlette's error middleware re-raises after answering 500; the answer is what the tests check.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://service", timeout=120)
+
+
+@asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """The app's lifespan (model, scheduler, pools) around an ASGI client, as uvicorn would run it."""
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        yield client
+
+
+def sample(app: Starlette, name: str, **labels: str) -> float:
+    value = app.state.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else float(value)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Yield to the event loop until `condition` holds (the timeout only stops a broken test from hanging)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {timeout:g} s")
+        await asyncio.sleep(0.001)
+
+
+async def asgi_post(
+    app: Starlette, body: bytes, content_type: str, leave: asyncio.Event | None = None, path: str = "/infer"
+) -> tuple[int, bytes]:
+    """POST over raw ASGI; when `leave` is set the client disconnects (what uvicorn tells an app then)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("service", 80),
+    }
+    sent_body = False
+    answered = asyncio.Event()
+    status, chunks = 0, []
+
+    async def receive() -> dict[str, object]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        waits = [asyncio.ensure_future(answered.wait())]
+        if leave is not None:
+            waits.append(asyncio.ensure_future(leave.wait()))
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])  # type: ignore[call-overload]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                answered.set()
+
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return status, b"".join(chunks)  # type: ignore[arg-type]

@@ -1,0 +1,361 @@
+"""The scheduler behind /infer, in-process: the real app and lifespan, a real onnxruntime session, a real event
+loop, and engine runs that wait for the test to open a gate (tests.helpers.GatedClassifier).
+
+The gate makes every state these tests need ("one request in the engine, two queued, the lifespan closing")
+something the test creates and then observes through the service's own gauges, never a race against the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from service.model import Classifier
+from service.server import Server
+from tests.helpers import (
+    GatedClassifier,
+    asgi_client,
+    asgi_post,
+    edit_manifest,
+    image_bytes,
+    make_app,
+    sample,
+    serving,
+    until,
+    write_tiny_artifact,
+    write_unrunnable_model,
+)
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "dark": (10, 10, 10)}
+PNG = {name: image_bytes(colour) for name, colour in COLOURS.items()}
+ORDER = ["red", "green", "blue", "dark", "red", "green"]
+
+
+def _post(client: httpx.AsyncClient, name: str) -> asyncio.Task[httpx.Response]:
+    return asyncio.ensure_future(client.post("/infer", files={"image": PNG[name]}))
+
+
+def _error(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"]
+    return str(error["message"])
+
+
+@pytest.fixture
+def gated(tiny_artifact: Path) -> GatedClassifier:
+    return GatedClassifier.from_dir(tiny_artifact)
+
+
+def test_gauges_count_the_engine_and_the_queue(gated: GatedClassifier) -> None:
+    app = make_app(gated, MAX_QUEUE="8")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            with gated.held():
+                first = _post(client, "red")
+                await until(lambda: gated.runs == 1, "the first request in the engine")
+                rest = [_post(client, name) for name in ORDER[1:4]]
+                await until(lambda: sample(app, "inference_queue_depth") == 3, "three requests queued")
+                assert sample(app, "inference_in_flight") == 1
+                assert sample(app, "inference_batch_size_count") == 0
+            answers = [await first, *[await task for task in rest]]
+            assert [a.json()["class"] for a in answers] == ORDER[:4]
+            assert sample(app, "inference_queue_depth") == 0
+            assert sample(app, "inference_in_flight") == 0
+            assert sample(app, "inference_batch_size_count") == 4
+            assert sample(app, "inference_batch_size_sum") == 4
+            assert sample(app, "inference_seconds_count") == 4
+            assert sample(app, "image_decode_seconds_count") == 4
+
+    asyncio.run(scenario())
+
+
+def test_admission_refuses_when_it_is_the_binding_limit(gated: GatedClassifier) -> None:
+    # MAX_BATCH=1: admission holds MAX_QUEUE + WORKERS x MAX_BATCH = 3 requests. One in the engine and two
+    # queued fill it, so the fourth is refused by admission, before the queue could refuse it.
+    app = make_app(gated, MAX_QUEUE="2", MAX_BATCH="1", REQUEST_TIMEOUT_S="10")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            with gated.held():
+                held = [_post(client, "red")]
+                await until(lambda: gated.runs == 1, "one request in the engine")
+                held += [_post(client, "green"), _post(client, "blue")]
+                await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
+                refused = await client.post("/infer", files={"image": PNG["dark"]})
+                message = _error(refused, 503, "overloaded")
+                assert refused.headers["retry-after"] == "1"
+                assert "being served" in message and "limit is 3" in message, message
+                assert "queue is full" not in message
+            assert [(await task).json()["class"] for task in held] == ["red", "green", "blue"]
+            # The refusal released nothing it did not take: the next request is served.
+            assert (await client.post("/infer", files={"image": PNG["dark"]})).json()["class"] == "dark"
+        assert gated.images == 4
+
+    asyncio.run(scenario())
+
+
+def test_a_full_queue_refuses_when_it_binds_before_admission(gated: GatedClassifier) -> None:
+    # MAX_BATCH=4 lets admission hold 2 + 4 = 6 requests, but with BATCH_WAIT_MS=0 the worker runs one image at a
+    # time: one in the engine and two queued fill the queue while admission still has room.
+    app = make_app(gated, MAX_QUEUE="2", MAX_BATCH="4", BATCH_WAIT_MS="0", REQUEST_TIMEOUT_S="10")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            with gated.held():
+                held = [_post(client, "red")]
+                await until(lambda: gated.runs == 1, "one request in the engine")
+                held += [_post(client, "green"), _post(client, "blue")]
+                await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
+                refused = await client.post("/infer", files={"image": PNG["dark"]})
+                message = _error(refused, 503, "overloaded")
+                assert refused.headers["retry-after"] == "1"
+                assert "queue is full (2 waiting)" in message, message
+                assert sample(app, "inference_queue_depth") == 2
+            assert [(await task).json()["class"] for task in held] == ["red", "green", "blue"]
+        assert (gated.runs, gated.images) == (3, 3)
+
+    asyncio.run(scenario())
+
+
+def test_admission_is_released_by_requests_that_fail(gated: GatedClassifier) -> None:
+    app = make_app(gated, MAX_QUEUE="1", MAX_BATCH="1")  # admission holds 2
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            for _ in range(4):
+                bad = await client.post("/infer", content=b"junk", headers={"content-type": "image/png"})
+                _error(bad, 400, "invalid_image")
+            for name in ("red", "green", "blue"):
+                assert (await client.post("/infer", files={"image": PNG[name]})).json()["class"] == name
+
+    asyncio.run(scenario())
+
+
+def test_shutdown_answers_every_queued_request_and_refuses_new_ones(gated: GatedClassifier) -> None:
+    """The lifespan ends while requests wait in the scheduler's queue: Scheduler.close() must answer them all.
+
+    uvicorn waits for its connections before it ends the lifespan, so over a real socket the queue is usually
+    empty by then; here the lifespan is ended with four requests still inside, as a slow drain would leave them.
+    """
+    app = make_app(gated, MAX_QUEUE="8", REQUEST_TIMEOUT_S="10")
+
+    async def scenario() -> None:
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        async with asgi_client(app) as client:
+            with gated.held():
+                held = [_post(client, ORDER[0])]
+                await until(lambda: gated.runs == 1, "one request in the engine")
+                held += [_post(client, name) for name in ORDER[1:5]]
+                await until(lambda: sample(app, "inference_queue_depth") == 4, "four requests queued")
+                closing = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
+                await until(lambda: not app.state.ready, "the shutdown to start")
+                assert (await client.get("/ready")).status_code == 503
+                late = await client.post("/infer", files={"image": PNG["red"]})
+                _error(late, 503, "shutting_down")
+                assert late.headers["retry-after"] == "1"
+                assert not closing.done(), "the lifespan ended with requests still queued"
+            answers = [await task for task in held]
+            await closing
+        for answer, name in zip(answers, ORDER[:5], strict=True):
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["class"] == name
+        assert gated.images == 5
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_client_left_never_reaches_the_engine(gated: GatedClassifier) -> None:
+    app = make_app(gated, MAX_QUEUE="8")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            with gated.held():
+                first = _post(client, "red")
+                await until(lambda: gated.runs == 1, "one request in the engine")
+                leave = asyncio.Event()
+                gone = asyncio.ensure_future(asgi_post(app, PNG["blue"], "image/png", leave=leave))
+                await until(lambda: sample(app, "inference_queue_depth") == 1, "the second request queued")
+                leave.set()
+                status, body = await gone
+                assert status == 499 and b"client_closed_request" in body
+                assert sample(app, "http_requests_total", route="/infer", status="499") == 1
+            assert (await first).json()["class"] == "red"
+            # The worker took the abandoned job off the queue: had it run it, it would be in the engine now.
+            await until(lambda: sample(app, "inference_queue_depth") == 0, "the worker to take the abandoned job")
+            assert sample(app, "inference_in_flight") == 0
+        assert (gated.runs, gated.images) == (1, 1)
+        assert sample(app, "inference_batch_size_count") == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_job_that_expired_in_the_queue_is_answered_504_and_skips_the_engine(gated: GatedClassifier) -> None:
+    app = make_app(gated, MAX_QUEUE="8", REQUEST_TIMEOUT_S="0.5")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            with gated.held():
+                first = _post(client, "red")
+                await until(lambda: gated.runs == 1, "one request in the engine")
+                second = _post(client, "blue")
+                await until(lambda: sample(app, "inference_queue_depth") == 1, "the second request queued")
+                queued_at = time.monotonic()
+                gated.finished.clear()
+            # The gate is open. Hold the event loop itself while the engine finishes the first run and the second
+            # request's deadline passes. When the loop resumes, the worker (woken by the engine before the deadline
+            # timer fired) takes the second job off the queue with its deadline already behind it.
+            assert gated.finished.wait(60)
+            time.sleep(max(0.0, queued_at + 0.5 - time.monotonic()) + 0.3)
+            expired = await second
+            assert _error(expired, 504, "deadline_exceeded") == "the request expired in the queue"
+            assert (await first).status_code in (200, 504)
+        assert (gated.runs, gated.images) == (1, 1)
+
+    asyncio.run(scenario())
+
+
+def test_deadline_in_the_engine_and_in_the_queue_gives_504_and_the_queued_job_is_skipped(
+    gated: GatedClassifier,
+) -> None:
+    app = make_app(gated, MAX_QUEUE="8", REQUEST_TIMEOUT_S="1.5")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            with gated.held():
+                first = _post(client, "red")
+                await until(lambda: gated.runs == 1, "one request in the engine")
+                second = _post(client, "blue")
+                await until(lambda: sample(app, "inference_queue_depth") == 1, "the second request queued")
+                for task in (first, second):
+                    message = _error(await task, 504, "deadline_exceeded")
+                    assert re.fullmatch(r"no answer within 1\.[0-9]+ s \(REQUEST_TIMEOUT_S\)", message), message
+        # The lifespan's drain ran the queue dry: the second job was dropped, not computed for nobody.
+        assert (gated.runs, gated.images) == (1, 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_deadline_spent_decoding_gives_504_before_the_queue(gated: GatedClassifier) -> None:
+    app = make_app(gated, REQUEST_TIMEOUT_S="0.001")
+    big = image_bytes((200, 10, 10), size=(2000, 2000))  # a PNG: no draft, several ms to inflate 12 MB
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            response = await client.post("/infer", files={"image": big})
+            assert _error(response, 504, "deadline_exceeded") == "no answer within 0.001 s (REQUEST_TIMEOUT_S)"
+            assert sample(app, "image_decode_seconds_count") == 1
+
+    asyncio.run(scenario())
+    assert gated.runs == 0
+
+
+@pytest.mark.parametrize(("batch_wait_ms", "max_batch"), [("60000", "3"), ("0", "1")])
+def test_a_worker_batches_queued_images_and_answers_each_its_own(
+    gated: GatedClassifier, batch_wait_ms: str, max_batch: str
+) -> None:
+    app = make_app(gated, MAX_QUEUE="8", MAX_BATCH=max_batch, BATCH_WAIT_MS=batch_wait_ms)
+
+    async def scenario() -> list[httpx.Response]:
+        async with serving(app) as client:
+            return list(await asyncio.gather(*[_post(client, name) for name in ORDER[:3]]))
+
+    answers = asyncio.run(scenario())
+    assert [a.json()["class"] for a in answers] == ORDER[:3]
+    expected_runs = 1 if max_batch == "3" else 3
+    assert (gated.runs, gated.images) == (expected_runs, 3)
+    assert sample(app, "inference_batch_size_sum") == 3
+    assert sample(app, "inference_batch_size_count") == expected_runs
+
+
+def test_a_batch_that_does_not_fill_runs_when_the_wait_ends(gated: GatedClassifier) -> None:
+    app = make_app(gated, MAX_BATCH="4", BATCH_WAIT_MS="30")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            assert (await client.post("/infer", files={"image": PNG["green"]})).json()["class"] == "green"
+
+    asyncio.run(scenario())
+    assert (gated.runs, gated.images) == (1, 1)
+
+
+def test_an_engine_failure_is_a_json_500_and_the_service_goes_on(
+    tiny_artifact: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact, artifact)
+    write_unrunnable_model(artifact)
+    classifier = Classifier.load(artifact, 1)  # loads and passes every check; onnxruntime fails on each run
+    classifier.warmed = True
+    app = make_app(classifier)
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            for _ in range(2):
+                response = await client.post("/infer", files={"image": PNG["red"]})
+                _error(response, 500, "internal_error")
+                assert "Traceback" not in response.text and "Reshape" not in response.text
+            assert (await client.get("/ping")).json() == {"message": "pong"}
+            assert sample(app, "http_requests_total", route="/infer", status="500") == 2
+
+    asyncio.run(scenario())
+    assert any("inference failed for a batch of 1" in r.getMessage() for r in caplog.records)
+
+
+def test_ready_is_503_until_the_model_is_loaded_and_from_the_first_sigterm(tiny_artifact: Path) -> None:
+    app = make_app(MODEL_DIR=str(tiny_artifact))  # the lifespan loads the artifact itself
+
+    async def scenario() -> None:
+        async with asgi_client(app) as client:
+            _error(await client.get("/ready"), 503, "not_ready")
+        async with serving(app) as client:
+            assert (await client.get("/ready")).json() == {"ready": True}
+            assert (await client.post("/infer", files={"image": PNG["blue"]})).json()["class"] == "blue"
+            server = Server(uvicorn.Config(app), app)
+            server.handle_exit(signal.SIGTERM, None)
+            assert server.should_exit and not server.force_exit
+            _error(await client.get("/ready"), 503, "not_ready")
+            assert (await client.get("/ping")).status_code == 200  # alive, just not ready
+            # A second Ctrl-C forces the exit; a second SIGTERM still drains.
+            server.handle_exit(signal.SIGTERM, None)
+            assert not server.force_exit
+            server.handle_exit(signal.SIGINT, None)
+            assert server.force_exit
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_sigint_drains_like_sigterm(tiny_artifact: Path) -> None:
+    app = make_app(MODEL_DIR=str(tiny_artifact))
+    server = Server(uvicorn.Config(app), app)
+    app.state.ready = True
+    server.handle_exit(signal.SIGINT, None)
+    assert server.should_exit and not server.force_exit and app.state.ready is False
+
+
+def test_an_nchw_model_is_fed_channels_first(tmp_path: Path) -> None:
+    write_tiny_artifact(tmp_path / "nchw", nchw=True, logits=True)
+    edit_manifest(tmp_path / "nchw", lambda m: m.update(trained=False))
+    app = make_app(MODEL_DIR=str(tmp_path / "nchw"))
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            for name in COLOURS:
+                body = (await client.post("/infer?top_k=4", files={"image": PNG[name]})).json()
+                assert body["class"] == name
+                assert sum(item["score"] for item in body["top_k"]) == pytest.approx(1.0, abs=1e-5)
+                assert body["warning"].startswith("untrained reference model")
+
+    asyncio.run(scenario())
