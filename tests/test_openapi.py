@@ -1,0 +1,152 @@
+"""GET /openapi.json: a valid OpenAPI 3.1 document that matches the app's routes and errors, fuzzed by schemathesis."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from starlette.routing import Route
+
+from service import endpoints
+from service.app import create_app
+from service.errors import ServiceError
+from service.openapi import app_operations, build_document, documented_operations
+from service.settings import Settings
+from tests.helpers import ROOT, Server, image_bytes, running_service
+
+API_DOC = ROOT / "docs" / "api.md"
+KEY = "test-key-0123"
+
+
+def _all_errors() -> list[type[ServiceError]]:
+    # Walked here independently of service/openapi.py, so a bug in its walk cannot hide an error.
+    found: list[type[ServiceError]] = []
+    pending = list(ServiceError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def _codes(response: dict[str, Any]) -> set[str]:
+    schema = response["content"]["application/json"]["schema"]
+    return set(schema["allOf"][1]["properties"]["error"]["properties"]["code"]["enum"])
+
+
+@pytest.fixture(scope="module")
+def document(tiny_server: Server) -> dict[str, Any]:
+    response = httpx.get(f"{tiny_server.url}/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("openapi") / "keyed.log"
+    with running_service(tiny_artifact, log, API_KEY=KEY) as server:
+        yield server
+
+
+def test_the_served_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
+    assert document["openapi"].startswith("3.1")
+    validate(document)
+
+
+def test_every_route_of_the_app_is_documented_and_nothing_else(document: dict[str, Any]) -> None:
+    app = create_app(Settings())
+    served = {(path, method) for path, item in document["paths"].items() for method in item}
+    assert set(app_operations(app)) == documented_operations() == served
+    assert all(item[m]["summary"] != "not described yet" for item in document["paths"].values() for m in item)
+
+
+def test_a_route_added_without_a_description_is_caught() -> None:
+    app = create_app(Settings())
+    app.router.routes.append(Route("/extra", endpoints.ping, methods=["GET", "DELETE"]))
+    assert {("/extra", "get"), ("/extra", "delete")} <= set(app_operations(app)) - documented_operations()
+    extra = build_document(app, Settings())["paths"]["/extra"]
+    assert extra["get"]["summary"] == "not described yet"
+
+
+def test_every_error_class_is_documented_on_infer_with_its_status(document: dict[str, Any]) -> None:
+    infer = document["paths"]["/infer"]["post"]["responses"]
+    keyed = build_document(create_app(Settings(api_keys=(KEY,))), Settings(api_keys=(KEY,)))
+    keyed_infer = keyed["paths"]["/infer"]["post"]["responses"]
+    errors = _all_errors()
+    assert {"unauthorized", "request_timeout", "overloaded", "invalid_image"} <= {cls.code for cls in errors}
+    for cls in errors:
+        responses = keyed_infer if cls.status_code == 401 else infer
+        assert cls.code in _codes(responses[str(cls.status_code)]), (cls.__name__, cls.status_code)
+    assert "401" not in infer, "401 is documented only when an API key is configured"
+    assert document["paths"]["/ready"]["get"]["responses"]["503"]
+
+
+def test_the_success_shapes_match_real_answers(tiny_server: Server, document: dict[str, Any]) -> None:
+    answer = httpx.post(f"{tiny_server.url}/infer?top_k=3", files={"image": image_bytes((10, 200, 10))}).json()
+    prediction = document["components"]["schemas"]["Prediction"]
+    assert set(answer) <= set(prediction["properties"]) and set(prediction["required"]) <= set(answer)
+    home = httpx.get(f"{tiny_server.url}/").json()
+    home_schema = document["components"]["schemas"]["Home"]
+    assert set(home["model"]) == set(home_schema["properties"]["model"]["properties"])
+    top_k = document["paths"]["/infer"]["post"]["parameters"][0]["schema"]
+    assert (top_k["minimum"], top_k["maximum"]) == (1, endpoints.MAX_TOP_K)
+
+
+def test_with_an_api_key_infer_and_metrics_need_the_bearer_scheme(keyed_server: Server) -> None:
+    document = httpx.get(f"{keyed_server.url}/openapi.json").json()
+    validate(document)
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    secured = {path for path, item in document["paths"].items() for op in item.values() if op.get("security")}
+    assert secured == {"/infer", "/metrics"}
+    for path in secured:
+        method = "post" if path == "/infer" else "get"
+        unauthorized = document["paths"][path][method]["responses"]["401"]
+        assert _codes(unauthorized) == {"unauthorized"} and "WWW-Authenticate" in unauthorized["headers"]
+        answer = httpx.request(method, f"{keyed_server.url}{path}")
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized"
+    for path in set(document["paths"]) - secured:
+        assert httpx.get(f"{keyed_server.url}{path}").status_code == 200, path
+
+
+def test_docs_api_md_lists_every_error_code() -> None:
+    table = {
+        code
+        for line in API_DOC.read_text().splitlines()
+        if re.match(r"^\| \d{3} \|", line)
+        for code in re.findall(r"`([a-z0-9_]+)`", line.split("|")[2])
+    }
+    assert {cls.code for cls in _all_errors()} <= table
+
+
+def _schemathesis(server: Server, workdir: Path, *extra: str) -> None:
+    st = Path(sys.executable).with_name("st")
+    command = [str(st), "run", f"{server.url}/openapi.json", "--checks", "all"]
+    # An image API must answer 400 to schema-valid bytes that are not an image: that is not a failure.
+    command += ["--exclude-checks", "positive_data_acceptance", "--max-examples", "40", "--seed", "7"]
+    command += ["--no-color", "--workers", "1", *extra]
+    run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
+    assert "No issues found" in run.stdout, run.stdout[-4000:]
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_failure(tiny_server: Server, tmp_path: Path) -> None:
+    _schemathesis(tiny_server, tmp_path)
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_failure_with_an_api_key(keyed_server: Server, tmp_path: Path) -> None:
+    _schemathesis(keyed_server, tmp_path, "--header", f"Authorization: Bearer {KEY}")
