@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
             await run_in_threadpool(loaded.warm_up)
         scheduler = Scheduler(
             loaded.predict,
+            wide_ready=lambda: loaded.wide is not None,
             workers=settings.workers,
             max_batch=settings.max_batch,
             batch_wait_s=settings.batch_wait_ms / 1000,
@@ -51,15 +53,20 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         app.state.scheduler = scheduler
         app.state.decode_pool = decode_pool
         app.state.ready = True
+        # The wide session is built after the service is ready, off the path to the first answer; until it
+        # is there, every run is narrow.
+        metrics.session_threads.labels("narrow").set(settings.intra_op_threads)
+        widening = asyncio.create_task(_add_wide_session(loaded, settings.wide_threads, metrics), name="wide-session")
         manifest = loaded.manifest
         log.info(
-            "serving %s (%s, sha256 %s..., %s): %d workers x %d threads, max batch %d, queue %d",
+            "serving %s (%s, sha256 %s..., %s): %d workers x %d threads, a run alone on %d, max batch %d, queue %d",
             manifest.name,
             manifest.model.quantization,
             manifest.model.sha256[:12],
             "trained" if manifest.trained else "UNTRAINED reference model",
             settings.workers,
             settings.intra_op_threads,
+            settings.wide_threads or settings.intra_op_threads,
             settings.max_batch,
             settings.max_queue,
         )
@@ -68,6 +75,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         finally:
             app.state.ready = False
             await scheduler.close()
+            await widening
             decode_pool.shutdown(wait=True)
 
     routes = [
@@ -91,6 +99,15 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     # Room for everything the engine holds plus the queue: past that a request is refused before its body.
     app.state.admission = Admission(settings.max_queue + settings.workers * settings.max_batch)
     return app
+
+
+async def _add_wide_session(classifier: Classifier, threads: int, metrics: Metrics) -> None:
+    if threads > 1 and classifier.wide is None:
+        try:
+            await asyncio.to_thread(classifier.add_wide_session, threads)
+        except Exception:  # the narrow session serves on; a wide one is only faster for a lone request
+            log.exception("could not build the %d-thread session; every run stays on one core", threads)
+    metrics.session_threads.labels("wide").set(classifier.wide_threads)
 
 
 # Open without an API key: probes, and what a person or a client needs to find out how to call the service.

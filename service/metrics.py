@@ -36,6 +36,18 @@ class Metrics:
             "image_decode_seconds", "Decode + resize time per image", buckets=_STAGE_BUCKETS, registry=r
         )
         self.inference = Histogram("inference_seconds", "Engine time per batch", buckets=_STAGE_BUCKETS, registry=r)
+        self.runs = Counter(
+            "inference_runs",
+            "Engine runs by session: wide (every core, a run alone) or narrow",
+            ["session"],
+            registry=r,
+        )
+        self.session_threads = Gauge(
+            "inference_session_threads",
+            "Intra-op threads of each engine session (0: not built)",
+            ["session"],
+            registry=r,
+        )
         self.model = Gauge(
             "model_info", "The served model (value is 1)", ["name", "sha256", "quantization", "trained"], registry=r
         )
@@ -50,7 +62,12 @@ class Metrics:
             self.batch_size.observe(size)
             self.inference.observe(seconds)
 
-        return SchedulerHooks(on_batch=on_batch, on_queue_depth=self.queue_depth.set, on_in_flight=self.in_flight.set)
+        def on_run(wide: bool) -> None:
+            self.runs.labels("wide" if wide else "narrow").inc()
+
+        return SchedulerHooks(
+            on_batch=on_batch, on_queue_depth=self.queue_depth.set, on_in_flight=self.in_flight.set, on_run=on_run
+        )
 
     def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -31,7 +31,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return probabilities
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, *, spinning: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -41,7 +41,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle intra-op threads spin by default, stealing the cores that decoding needs: with JPEG decoding
     # alongside, 1 worker x 2 threads ran 12.4 img/s spinning, 20.5 not (benchmarks/session_options.py).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Only the wide session, which runs a request that is alone, spins (benchmarks/parallelism.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
@@ -54,14 +55,32 @@ def _shape_accepts(shape: list[int | str | None], given: tuple[int | None, ...])
     return all(not isinstance(dim, int) or want is None or dim == want for dim, want in zip(shape, given, strict=True))
 
 
+def _session(model_path: Path, threads: int, *, spinning: bool = False) -> ort.InferenceSession:
+    try:
+        options = session_options(threads, spinning=spinning)
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ArtifactError(f"onnxruntime cannot load {model_path}: {exc}") from None
+
+
 class Classifier:
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, labels: list[str]) -> None:
+    """A verified artifact in onnxruntime: a narrow session (one run per core) and, once built, a wide one.
+
+    The wide session's runs use every core: the scheduler gives it a request that is alone, so a lone request
+    is answered as fast as the engine allows, while requests side by side each get one core (narrow).
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, manifest: Manifest, labels: list[str], model_path: Path | None = None
+    ) -> None:
         self.session = session
         self.manifest = manifest
         self.labels = labels
+        self.model_path = model_path
         self._input = manifest.input.name
         self._output = manifest.output.name
         self.warmed = False
+        self.wide: ort.InferenceSession | None = None
 
     @classmethod
     def load(cls, model_dir: Path, threads: int, *, warm: bool = False) -> Classifier:
@@ -79,13 +98,7 @@ class Classifier:
                 f"model file {model_path} has sha256 {digest[:12]}..., the manifest says "
                 f"{manifest.model.sha256[:12]}...: the artifact is corrupt or was changed after export"
             )
-        try:
-            session = ort.InferenceSession(
-                str(model_path), session_options(threads), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-            raise ArtifactError(f"onnxruntime cannot load {model_path}: {exc}") from None
-        classifier = cls(session, manifest, labels)
+        classifier = cls(_session(model_path, threads), manifest, labels, model_path)
         classifier._check_signature()
         if warm:
             classifier.warm_up()
@@ -118,11 +131,27 @@ class Classifier:
         spec = self.manifest.preprocessing
         return (spec.height, spec.width, 3)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, height, width, 3) float32 -> (N, classes) probabilities."""
+    def add_wide_session(self, threads: int) -> None:
+        """Build and warm the session whose runs use `threads` cores; until it is ready, every run is narrow."""
+        if self.model_path is None or threads <= 1:
+            return
+        wide = _session(self.model_path, threads, spinning=True)
+        self._run(wide, np.zeros((1, *self.input_shape), dtype=np.float32))
+        self.wide = wide
+
+    @property
+    def wide_threads(self) -> int:
+        """Intra-op threads of the wide session; 0 while there is none."""
+        return self.wide.get_session_options().intra_op_num_threads if self.wide is not None else 0
+
+    def predict(self, batch: np.ndarray, wide: bool = False) -> np.ndarray:
+        """(N, height, width, 3) float32 -> (N, classes) probabilities, on every core if `wide` and ready."""
+        return self._run(self.wide if wide and self.wide is not None else self.session, batch)
+
+    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
         if self.manifest.input.layout == "NCHW":
             batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
-        (out,) = self.session.run([self._output], {self._input: batch})
+        (out,) = session.run([self._output], {self._input: batch})
         out = np.asarray(out, dtype=np.float32)
         return softmax(out) if self.manifest.output.kind == "logits" else out
 

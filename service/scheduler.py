@@ -1,8 +1,12 @@
-"""The inference scheduler: a bounded queue in front of WORKERS engine workers sharing one session.
+"""The inference scheduler: a bounded queue in front of WORKERS engine workers sharing the model.
 
 Requests wait in one bounded queue; each worker takes up to MAX_BATCH of them (waiting at most BATCH_WAIT_MS
-for a batch to fill), runs the shared onnxruntime session in its own thread, and resolves each request.
-On 2 cores, one single-threaded run per core beats one two-threaded run (measured: benchmarks/engine.py).
+for a batch to fill), runs the model in its own thread, and resolves each request.
+
+How many cores a run gets is decided per run, from the scheduler's own state: a run that starts while no
+other run is in the engine and nobody waits is *wide* (every core: a lone request is answered as fast as the
+engine allows); any other run is narrow (one core each: on 2 cores two single-threaded runs side by side
+beat one two-threaded run, benchmarks/engine.py and benchmarks/parallelism.py).
 """
 
 from __future__ import annotations
@@ -37,13 +41,15 @@ class SchedulerHooks:
     on_batch: Callable[[int, float], None] = lambda size, seconds: None
     on_queue_depth: Callable[[int], None] = lambda depth: None
     on_in_flight: Callable[[int], None] = lambda count: None
+    on_run: Callable[[bool], None] = lambda wide: None
 
 
 class Scheduler:
     def __init__(
         self,
-        predict: Callable[[np.ndarray], np.ndarray],
+        predict: Callable[[np.ndarray, bool], np.ndarray],
         *,
+        wide_ready: Callable[[], bool] = lambda: False,
         workers: int,
         max_batch: int,
         batch_wait_s: float,
@@ -52,6 +58,7 @@ class Scheduler:
         hooks: SchedulerHooks | None = None,
     ) -> None:
         self._predict = predict
+        self._wide_ready = wide_ready
         self._workers = workers
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
@@ -142,11 +149,14 @@ class Scheduler:
             return
         # One image (the common case unbatched) is passed as a view: no copy of its megabyte on the event loop.
         batch = live[0].pixels[None] if len(live) == 1 else np.stack([job.pixels for job in live])
+        # Decided and counted with no await in between: two workers can never both see themselves alone.
+        wide = self._in_flight == 0 and self._queue.empty() and self._wide_ready()
+        self._hooks.on_run(wide)
         self._in_flight += len(live)
         self._hooks.on_in_flight(self._in_flight)
         started = time.perf_counter()
         try:
-            probabilities = await loop.run_in_executor(self._pool, self._predict, batch)
+            probabilities = await loop.run_in_executor(self._pool, self._predict, batch, wide)
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(live))
             for job in live:

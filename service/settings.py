@@ -100,6 +100,11 @@ class Settings:
     def intra_op_threads(self) -> int:
         return max(1, self.threads // self.workers)
 
+    @property
+    def wide_threads(self) -> int:
+        """Intra-op threads of a run that is alone: all THREADS, when that is more than a narrow run gets."""
+        return self.threads if self.threads > self.intra_op_threads else 0
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env

@@ -1,0 +1,111 @@
+"""Adaptive parallelism: a request alone gets every core, requests side by side one core each.
+
+In-process: the real app and lifespan, real onnxruntime sessions, and engine runs that wait for the test to
+open a gate (tests.helpers.GatedClassifier), so "one run in the engine, more waiting" is a state the test
+creates, never a race against the clock. The decisions are read from the service's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import (
+    GatedClassifier,
+    image_bytes,
+    make_app,
+    running_service,
+    sample,
+    server_metric,
+    serving,
+    until,
+    wait_for,
+)
+
+RED = image_bytes((255, 0, 0))
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (10, 10, 10), (200, 40, 40), (30, 200, 30)]
+
+
+@pytest.fixture
+def gated(tiny_artifact: Path) -> GatedClassifier:
+    return GatedClassifier.from_dir(tiny_artifact)
+
+
+def _runs(app: object, session: str) -> float:
+    return sample(app, "inference_runs_total", session=session)  # type: ignore[arg-type]
+
+
+def test_a_request_alone_runs_on_every_core(gated: GatedClassifier) -> None:
+    app = make_app(gated, THREADS="2", WORKERS="2")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            await until(lambda: sample(app, "inference_session_threads", session="wide") == 2, "the wide session")
+            assert sample(app, "inference_session_threads", session="narrow") == 1
+            for _ in range(3):  # one after another: each is alone
+                response = await client.post("/infer", files={"image": RED})
+                assert response.json()["class"] == "red"
+            assert (_runs(app, "wide"), _runs(app, "narrow")) == (3, 0)
+
+    asyncio.run(scenario())
+    # What the counter calls wide is a session that really has every core, and narrow one that has one.
+    assert gated.wide is not None and gated.wide_threads == 2
+    assert gated.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_requests_side_by_side_run_on_one_core_each(gated: GatedClassifier) -> None:
+    app = make_app(gated, THREADS="2", WORKERS="2")
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            await until(lambda: sample(app, "inference_session_threads", session="wide") == 2, "the wide session")
+            with gated.held():
+                first = asyncio.ensure_future(client.post("/infer", files={"image": RED}))
+                await until(lambda: gated.runs == 1, "the first request in the engine")
+                assert _runs(app, "wide") == 1  # it was alone when it started
+                bodies = [image_bytes(colour) for colour in COLOURS[1:]]
+                rest = [asyncio.ensure_future(client.post("/infer", files={"image": body})) for body in bodies]
+                await until(lambda: gated.runs == 2, "the second worker busy")
+                await until(lambda: sample(app, "inference_queue_depth") == 4, "four requests queued")
+                assert _runs(app, "narrow") == 1  # started while another run was in the engine
+            answers = [await first, *[await task for task in rest]]
+            assert [a.status_code for a in answers] == [200] * 6
+            # The four that waited in the queue start while others wait or run: narrow, but possibly the last.
+            assert _runs(app, "wide") + _runs(app, "narrow") == 6
+            assert _runs(app, "narrow") >= 4
+
+    asyncio.run(scenario())
+
+
+def test_one_thread_in_all_means_no_wide_session(gated: GatedClassifier) -> None:
+    app = make_app(gated, THREADS="2", WORKERS="1")  # one worker with both cores: nothing to widen
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            assert (await client.post("/infer", files={"image": RED})).status_code == 200
+            await until(lambda: app.state.metrics.registry.get_sample_value(
+                "inference_session_threads", {"session": "wide"}) is not None, "the wide gauge")  # fmt: skip
+            assert sample(app, "inference_session_threads", session="wide") == 0
+            assert sample(app, "inference_session_threads", session="narrow") == 2
+            assert (_runs(app, "wide"), _runs(app, "narrow")) == (0, 1)
+
+    asyncio.run(scenario())
+    assert gated.wide is None
+
+
+def test_wide_and_narrow_sessions_answer_alike(gated: GatedClassifier) -> None:
+    gated.add_wide_session(2)
+    batch = np.random.default_rng(0).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(gated.predict(batch, wide=True), gated.predict(batch, wide=False), rtol=1e-5)
+
+
+def test_the_service_widens_a_lone_request(tiny_artifact: Path, tmp_path: Path) -> None:
+    # The same decisions through `python -m service`, as deployed.
+    with running_service(tiny_artifact, tmp_path / "server.log", THREADS="2") as server:
+        wait_for(lambda: server_metric(server, "inference_session_threads", session="wide") == 2, "the wide session")
+        assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "red"
+        assert server_metric(server, "inference_runs_total", session="wide") == 1
