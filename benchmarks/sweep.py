@@ -23,6 +23,7 @@ over naive at each level, measured in the same round. Writes results/<name>.{jso
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import payloads
+from benchmarks import cpu, payloads
 from benchmarks.ab import Variant, parse_variant, service_code
 from benchmarks.report import command_line, provenance, save
 from benchmarks.run import ROOT, Profile, RssSampler, System, _free_port, failures, locust, start, stop, warm_up
@@ -101,7 +102,9 @@ def measure(
         sampler = RssSampler(process.pid)
         sampler.start()
         profile = Profile(users=users, duration_s=args.duration, warmup_s=0, engine_s=0)
+        before = cpu.snapshot(process.pid)
         load = locust(url, profile, users, work / tag, env={"BENCH_IMAGE_SET": image_set})
+        after = cpu.snapshot(process.pid)
         rss = sampler.stop()
     finally:
         stop(process)
@@ -117,6 +120,9 @@ def measure(
         "p99_over_p50": load["p99_over_p50"],
         "peak_rss_mb": rss["peak_mb"],
         "cold_start_s": round(cold_start, 3),
+        # How busy the shared machine was: other work on these cores skews a point (and a spinning engine more).
+        "machine_idle": cpu.machine_idle(before, after),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
 
 
@@ -129,7 +135,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-METRICS = ("answered_per_s", "p50_ms", "p90_ms", "p99_ms", "p99_over_p50", "peak_rss_mb", "cold_start_s")
+METRICS = (
+    "answered_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "p99_over_p50",
+    "peak_rss_mb",
+    "cold_start_s",
+    "load_average_1min",
+)
 
 
 def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -239,7 +254,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"warm-up at that concurrency, then {result['duration_s']} s of headless Locust (FastHttpUser, closed loop, "
         f"no think time) on the same cores; {result['rounds']} round(s); the two systems alternate order at each "
         f"(set, level). Image sets ({payloads.COUNT} distinct JPEGs each, multipart `image`): {sets}. Latencies are "
-        "Locust's (rounded to 2 significant digits above 100 ms).",
+        "Locust's (rounded to 2 significant digits above 100 ms) and include failed requests. Machine load: the "
+        "1-minute load average at the end of the point (the machine has "
+        f"{m['cores_available']} cores; above that, other work was queued for them).",
         "",
         "**Ours / naive, same round** (throughput > 1 and latency < 1 favour ours):",
         "",
@@ -257,8 +274,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
             f"Image set **{image_set}** (medians over rounds):",
             "",
             "| clients | system | answered/s | p50 ms | p90 ms | p99 ms | p99/p50 | requests | 503 with Retry-After "
-            "| other 5xx | no answer | other errors | peak RSS MB | cold start s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| other 5xx | no answer | other errors | peak RSS MB | cold start s | machine load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["summary"]:
             if r["set"] != image_set:
@@ -268,7 +285,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
                 f"| {r['users']} | {r['system']} | {_f(r['answered_per_s'])} | {_f(r['p50_ms'], 0)} | "
                 f"{_f(r['p90_ms'], 0)} | {_f(r['p99_ms'], 0)} | {_f(r['p99_over_p50'])} | {r['requests']} | "
                 f"{e['503 with Retry-After']} | {e['other 5xx']} | {e['no answer']} | {e['other']} | "
-                f"{_f(r['peak_rss_mb'], 1)} | {_f(r['cold_start_s'], 3)} |"
+                f"{_f(r['peak_rss_mb'], 1)} | {_f(r['cold_start_s'], 3)} | {_f(r['load_average_1min'], 1)} |"
             )
     lines += [
         "",
@@ -302,6 +319,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     sets = list(result["sets"])
     fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 5), squeeze=False)
@@ -320,6 +338,8 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
                 ax.annotate(str(r["users"]), (r["answered_per_s"], r["p50_ms"]), textcoords="offset points",
                             xytext=(4, -10), fontsize=7, color=color)  # fmt: skip
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("answered requests/s")
         ax.set_ylabel("latency ms (log scale)")
         ax.set_title(f"{image_set} images (labels: concurrent clients)")
