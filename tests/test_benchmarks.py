@@ -144,7 +144,7 @@ def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> Non
         "ab", *variants, "--rounds", "1", "--seconds", "12", "--name", "ab", out=tmp_path, result="ab"
     )
     defaults, other = data["summary"]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    head = subprocess.run([*GIT, "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert (defaults["variant"], other["variant"]) == ("defaults", f"@{head.stdout.strip()} WORKERS=1")
     assert defaults["throughput / first"] == 1.0 and other["throughput / first"] > 0
     for summary in data["summary"]:
@@ -156,7 +156,7 @@ def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> Non
 @pytest.mark.usefixtures("git_checkout")
 def test_ab_runs_a_revision_from_its_own_copy_of_the_service(tmp_path: Path) -> None:
     code = checkout_service(parse_variant("@HEAD").revision or "", tmp_path)
-    committed = subprocess.run(["git", "show", "HEAD:service/app.py"], cwd=ROOT, capture_output=True, text=True)
+    committed = subprocess.run([*GIT, "show", "HEAD:service/app.py"], cwd=ROOT, capture_output=True, text=True)
     assert (code / "service" / "app.py").read_text() == committed.stdout
     assert not (code / "benchmarks").exists() and not (code / "artifacts").exists()
 
