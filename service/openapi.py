@@ -128,11 +128,13 @@ def _schemas() -> JSON:
         "Home": {
             "type": "object",
             "required": ["status", "model"],
+            "additionalProperties": False,
             "properties": {
                 "status": {"type": "string", "examples": [endpoints.STATUS]},
                 "model": {
                     "type": "object",
                     "required": ["name", "trained", "sha256", "quantization", "classes", "input"],
+                    "additionalProperties": False,
                     "properties": {
                         "name": {"type": "string"},
                         "description": {"type": "string"},

@@ -19,7 +19,7 @@ from service.app import create_app
 from service.errors import ServiceError
 from service.openapi import app_operations, build_document, documented_operations
 from service.settings import Settings
-from tests.helpers import ROOT, Server, image_bytes, running_service
+from tests.helpers import ARTIFACTS, ROOT, Server, image_bytes, running_service
 
 API_DOC = ROOT / "docs" / "api.md"
 KEY = "test-key-0123"
@@ -42,8 +42,16 @@ def _codes(response: dict[str, Any]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def document(tiny_server: Server) -> dict[str, Any]:
-    response = httpx.get(f"{tiny_server.url}/openapi.json")
+def reference_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # The committed artifact: the untrained reference model, whose answers carry `warning`.
+    log = tmp_path_factory.mktemp("openapi") / "reference.log"
+    with running_service(ARTIFACTS, log) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def document(reference_server: Server) -> dict[str, Any]:
+    response = httpx.get(f"{reference_server.url}/openapi.json")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     body: dict[str, Any] = response.json()
@@ -90,11 +98,12 @@ def test_every_error_class_is_documented_on_infer_with_its_status(document: dict
     assert document["paths"]["/ready"]["get"]["responses"]["503"]
 
 
-def test_the_success_shapes_match_real_answers(tiny_server: Server, document: dict[str, Any]) -> None:
-    answer = httpx.post(f"{tiny_server.url}/infer?top_k=3", files={"image": image_bytes((10, 200, 10))}).json()
+def test_the_success_shapes_match_real_answers(reference_server: Server, document: dict[str, Any]) -> None:
+    answer = httpx.post(f"{reference_server.url}/infer?top_k=3", files={"image": image_bytes((10, 200, 10))}).json()
     prediction = document["components"]["schemas"]["Prediction"]
-    assert set(answer) <= set(prediction["properties"]) and set(prediction["required"]) <= set(answer)
-    home = httpx.get(f"{tiny_server.url}/").json()
+    assert set(answer) == set(prediction["properties"]) == {"class", "score", "top_k", "warning"}
+    home = httpx.get(f"{reference_server.url}/").json()
+    assert set(home) == set(document["components"]["schemas"]["Home"]["properties"])
     home_schema = document["components"]["schemas"]["Home"]
     assert set(home["model"]) == set(home_schema["properties"]["model"]["properties"])
     top_k = document["paths"]["/infer"]["post"]["parameters"][0]["schema"]
@@ -131,22 +140,23 @@ def test_docs_api_md_lists_every_error_code() -> None:
     assert {cls.code for cls in _all_errors()} <= table
 
 
-def _schemathesis(server: Server, workdir: Path, *extra: str) -> None:
+def _schemathesis(server: Server, workdir: Path, examples: int, *extra: str) -> None:
     st = Path(sys.executable).with_name("st")
     command = [str(st), "run", f"{server.url}/openapi.json", "--checks", "all"]
     # An image API must answer 400 to schema-valid bytes that are not an image: that is not a failure.
-    command += ["--exclude-checks", "positive_data_acceptance", "--max-examples", "40", "--seed", "7"]
-    command += ["--no-color", "--workers", "1", *extra]
+    command += ["--exclude-checks", "positive_data_acceptance", "--max-examples", str(examples), "--seed", "7"]
+    # A generous per-request timeout: on a busy 2-core machine a slow answer is not a failure of the contract.
+    command += ["--request-timeout", "60", "--no-color", "--workers", "1", *extra]
     run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout, run.stdout[-4000:]
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_failure(tiny_server: Server, tmp_path: Path) -> None:
-    _schemathesis(tiny_server, tmp_path)
+def test_schemathesis_finds_no_failure(reference_server: Server, tmp_path: Path) -> None:
+    _schemathesis(reference_server, tmp_path, 40)
 
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_failure_with_an_api_key(keyed_server: Server, tmp_path: Path) -> None:
-    _schemathesis(keyed_server, tmp_path, "--header", f"Authorization: Bearer {KEY}")
+    _schemathesis(keyed_server, tmp_path, 15, "--header", f"Authorization: Bearer {KEY}")
