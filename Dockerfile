@@ -12,9 +12,13 @@ RUN /opt/venv/bin/pip install --no-compile -r /tmp/requirements-serve.txt \
     && /opt/venv/bin/python -m compileall -q -j 0 --invalidation-mode checked-hash /opt/venv
 
 FROM python:3.11-slim-bookworm
+# onnxruntime 1.32's telemetry otherwise writes a device id and an SQLite event store under ~/.cache and a file
+# in /tmp on the first session, for a client that sends to mobile.events.data.microsoft.com; the service sends
+# nothing anywhere and writes nothing (tests/test_container.py checks `podman diff` after serving under load).
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     MODEL_DIR=/app/artifacts \
     PORT=4000
 # The slim base ships the standard library without bytecode, and the service may not write any (user 1000,
