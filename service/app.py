@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,11 +12,13 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from service import docs_page, endpoints, openapi
+from service import docs_page, endpoints, oip, openapi
 from service.errors import EXCEPTION_HANDLERS
+from service.inference import DataPlane
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import ApiKey, ClientGuard
 from service.model import Classifier
+from service.repository import Repository
 from service.scheduler import Admission, Scheduler
 from service.settings import Settings
 from service.threads import named_pool
@@ -38,8 +39,6 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         if not loaded.warmed:
             await run_in_threadpool(loaded.warm_up)
         scheduler = Scheduler(
-            loaded.predict,
-            wide_ready=lambda: loaded.wide is not None,
             workers=settings.workers,
             max_batch=settings.max_batch,
             batch_wait_s=settings.batch_wait_ms / 1000,
@@ -49,14 +48,16 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         scheduler.start()
         decode_pool = named_pool(settings.decode_threads, "decode")
         metrics.describe_model(loaded.manifest)
-        app.state.classifier = loaded
-        app.state.scheduler = scheduler
-        app.state.decode_pool = decode_pool
+        plane = DataPlane(settings, loaded, scheduler, decode_pool, app.state.admission, metrics)
+        repository = Repository(settings, plane, metrics)
+        app.state.data_plane = plane
+        app.state.repository = repository
         app.state.ready = True
         # The wide session is built after the service is ready, off the path to the first answer; until it
         # is there, every run is narrow.
         metrics.session_threads.labels("narrow").set(settings.intra_op_threads)
-        widening = asyncio.create_task(_add_wide_session(loaded, settings.wide_threads, metrics), name="wide-session")
+        repository.widen(loaded)
+        repository.listen_for_sighup()
         manifest = loaded.manifest
         log.info(
             "serving %s (%s, sha256 %s..., %s): %d workers x %d threads, a run alone on %d, max batch %d, queue %d",
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         finally:
             app.state.ready = False
             await scheduler.close()
-            await widening
+            await repository.close()
             decode_pool.shutdown(wait=True)
 
     routes = [
@@ -86,6 +87,17 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         Route("/metrics", metrics.endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
         Route("/docs", docs_page.docs, methods=["GET"]),
+        # The Open Inference Protocol (service/oip.py) over the same data plane.
+        Route("/v2", oip.server_metadata, methods=["GET"]),
+        Route("/v2/health/live", oip.live, methods=["GET"]),
+        Route("/v2/health/ready", oip.server_ready, methods=["GET"]),
+        Route("/v2/models/{name}", oip.model_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}", oip.model_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/ready", oip.model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/ready", oip.model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/infer", oip.infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", oip.infer, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", oip.load, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
@@ -101,17 +113,11 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     return app
 
 
-async def _add_wide_session(classifier: Classifier, threads: int, metrics: Metrics) -> None:
-    if threads > 1 and classifier.wide is None:
-        try:
-            await asyncio.to_thread(classifier.add_wide_session, threads)
-        except Exception:  # the narrow session serves on; a wide one is only faster for a lone request
-            log.exception("could not build the %d-thread session; every run stays on one core", threads)
-    metrics.session_threads.labels("wide").set(classifier.wide_threads)
-
-
 # Open without an API key: probes, and what a person or a client needs to find out how to call the service.
-PUBLIC_PATHS = frozenset({"/", "/ping", "/ready", "/docs", "/openapi.json", "/v2/health/live", "/v2/health/ready"})
+# The OIP server metadata (/v2) says no more than GET / does; its model routes and the repository need the key.
+PUBLIC_PATHS = frozenset(
+    {"/", "/ping", "/ready", "/docs", "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready"}
+)
 
 
 def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:

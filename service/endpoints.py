@@ -1,20 +1,16 @@
-"""HTTP endpoints: they take care of the HTTP-specific things and delegate the work to the classifier."""
+"""The service's own HTTP endpoints: they take care of the HTTP-specific things and delegate the work to the
+data plane (service/inference.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.errors import DeadlineExceeded, InvalidParameter, error_response
-from service.imaging import preprocess
-from service.metrics import Metrics
+from service.errors import InvalidParameter, ServiceError, error_response
+from service.inference import DataPlane
 from service.model import Classifier, Scored
-from service.payload import read_image_bytes
-from service.scheduler import Admission, Scheduler
-from service.settings import Settings
+from service.payload import read_upload
 
 STATUS = "The car classification service is running!"
 MAX_TOP_K = 20
@@ -39,7 +35,7 @@ def _scored(item: Scored) -> dict[str, object]:
 
 
 async def home(request: Request) -> JSONResponse:
-    classifier: Classifier = request.app.state.classifier
+    classifier = request.app.state.data_plane.model
     manifest = classifier.manifest
     body: dict[str, object] = {
         "status": STATUS,
@@ -70,39 +66,37 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True})
 
 
-async def _disconnected(request: Request) -> None:
-    # The body has been read: the next ASGI message can only be the client going away.
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body has been read: the next ASGI message can only be that."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def infer(request: Request) -> JSONResponse:
-    state = request.app.state
-    settings: Settings = state.settings
-    classifier: Classifier = state.classifier
-    scheduler: Scheduler = state.scheduler
-    metrics: Metrics = state.metrics
-    admission: Admission = state.admission
-    k = _top_k(request)
-    deadline = time.monotonic() + settings.request_timeout_s
-    # Admission counts only requests whose body is here: one still arriving (however slowly) holds no slot;
-    # the client guard bounds and times those (service/middleware.py).
-    data = await read_image_bytes(request, settings.max_upload_bytes)
-    with admission.admit():
-        # Decoding runs in its own bounded pool, overlapping the engine's work, never on the event loop.
-        started = time.perf_counter()
-        pixels = await asyncio.get_running_loop().run_in_executor(
-            state.decode_pool, preprocess, data, classifier.manifest.preprocessing, settings.max_image_pixels
-        )
-        metrics.decode.observe(time.perf_counter() - started)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded(f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)")
-        probabilities = await scheduler.infer(pixels, remaining, gone=lambda: _disconnected(request))
+def _prediction(classifier: Classifier, probabilities: np.ndarray, k: int | None) -> dict[str, object]:
     ranked = classifier.top(probabilities, k or 1)
     body: dict[str, object] = _scored(ranked[0])
     if k is not None:
         body["top_k"] = [_scored(item) for item in ranked]
-    if not classifier.manifest.trained:
+    return body
+
+
+async def infer(request: Request) -> JSONResponse:
+    plane: DataPlane = request.app.state.data_plane
+    k = _top_k(request)
+    deadline = plane.deadline()
+    # Admission counts only requests whose body is here: one still arriving (however slowly) holds no slot;
+    # the client guard bounds and times those (service/middleware.py).
+    upload = await read_upload(request, plane.settings.max_upload_bytes, plane.max_images)
+    answer = await plane.classify(upload.images, deadline, lambda: disconnected(request))
+    results: list[dict[str, object]] = []
+    for result in answer.results:
+        if isinstance(result, ServiceError):
+            if not upload.several:
+                raise result
+            results.append({"error": {"code": result.code, "message": result.message}})
+        else:
+            results.append(_prediction(answer.model, result, k))
+    body: dict[str, object] = {"results": results} if upload.several else results[0]
+    if not answer.model.manifest.trained:
         body["warning"] = UNTRAINED_SHORT
     return JSONResponse(body)

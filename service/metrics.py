@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,7 +15,38 @@ from service.manifest import Manifest
 from service.scheduler import SchedulerHooks
 
 # Routes are reported by name; anything else is "other", so random paths cannot blow up cardinality.
-KNOWN_ROUTES = frozenset({"/", "/ping", "/ready", "/infer", "/metrics"})
+KNOWN_ROUTES = frozenset(
+    {
+        "/",
+        "/ping",
+        "/ready",
+        "/infer",
+        "/metrics",
+        "/docs",
+        "/openapi.json",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+    }
+)
+# Open Inference Protocol routes with a model name in the path are reported by their template.
+_TEMPLATES = (
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?$"), "/v2/models/{name}"),
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$"), "/v2/models/{name}/ready"),
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$"), "/v2/models/{name}/infer"),
+    (re.compile(r"^/v2/repository/models/[^/]+/load$"), "/v2/repository/models/{name}/load"),
+)
+
+
+def route_label(path: str) -> str:
+    if path in KNOWN_ROUTES:
+        return path
+    for pattern, template in _TEMPLATES:
+        if pattern.match(path):
+            return template
+    return "other"
+
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 
@@ -51,8 +83,15 @@ class Metrics:
         self.model = Gauge(
             "model_info", "The served model (value is 1)", ["name", "sha256", "quantization", "trained"], registry=r
         )
+        self.model_loads = Counter(
+            "model_loads",
+            "Models loaded without a restart (POST /v2/repository/models/{name}/load, SIGHUP), by outcome",
+            ["outcome"],
+            registry=r,
+        )
 
     def describe_model(self, manifest: Manifest) -> None:
+        self.model.clear()  # one series: the model serving now
         self.model.labels(
             manifest.name, manifest.model.sha256, manifest.model.quantization, str(manifest.trained).lower()
         ).set(1)
@@ -84,7 +123,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        route = route_label(scope["path"])
         status = 500
         started = time.perf_counter()
 

@@ -4,9 +4,11 @@ Accepted, so every client of the original keeps working:
 - multipart/form-data, field `image` (the original's `UploadFile`) or `file`;
 - a JSON body `{"image": "<base64>"}` (the original specification's words);
 - a raw body with an `image/*` or `application/octet-stream` content type.
+Several images in one request: several `image` (or `file`) parts, or JSON `{"images": ["<base64>", ...]}`.
+A bad one among them is that image's own error, not the request's.
 
 The body is counted as it streams in and refused with 413 as soon as it passes the limit, so an
-oversized upload is never buffered whole.
+oversized upload is never buffered whole. Several images share the one body limit (MAX_UPLOAD_BYTES).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import base64
 import binascii
 import json
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -26,6 +29,7 @@ from service.errors import (
     MalformedBody,
     MissingImage,
     PayloadTooLarge,
+    ServiceError,
     UnsupportedMediaType,
 )
 
@@ -38,6 +42,19 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the upload is larger than {limit:,} bytes (MAX_UPLOAD_BYTES)")
 
 
+def too_many_images(count: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{count} images in one request; the limit is {limit} (MAX_IMAGES_PER_REQUEST)")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The images of one request, in order: the bytes, or why that image cannot be read."""
+
+    images: list[bytes | ServiceError]
+    # Sent in a form of several images (`{"images": [...]}`, several parts): answered `{"results": [...]}`.
+    several: bool
+
+
 async def _limited_stream(request: Request, body_limit: int, upload_limit: int) -> AsyncGenerator[bytes, None]:
     received = 0
     async for chunk in request.stream():
@@ -45,6 +62,12 @@ async def _limited_stream(request: Request, body_limit: int, upload_limit: int) 
         if received > body_limit:
             raise _too_large(upload_limit)
         yield chunk
+
+
+async def read_body(request: Request, body_limit: int, upload_limit: int) -> bytes:
+    """The whole body, refused with 413 (naming `upload_limit`) as soon as it passes `body_limit`."""
+    _check_declared_length(request, body_limit, upload_limit)
+    return await _read_body(request, body_limit, upload_limit)
 
 
 async def _read_body(request: Request, body_limit: int, upload_limit: int) -> bytes:
@@ -72,43 +95,84 @@ def decode_base64(text: str) -> bytes:
         raise InvalidBase64("`image` is not valid base64") from None
 
 
-async def _from_multipart(request: Request, body_limit: int, upload_limit: int) -> bytes:
+def _decoded(text: str) -> bytes | ServiceError:
+    try:
+        return decode_base64(text)
+    except ServiceError as exc:
+        return exc
+
+
+async def _from_multipart(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:
     parser = MultiPartParser(
         request.headers,
         _limited_stream(request, body_limit, upload_limit),
-        max_files=len(IMAGE_FIELDS),
-        max_fields=16,
+        max_files=max(max_images, len(IMAGE_FIELDS)),
+        max_fields=max_images + 16,
         max_part_size=body_limit,
     )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith(("Too many files", "Too many fields")):
+            raise PayloadTooLarge(
+                f"more parts than MAX_IMAGES_PER_REQUEST ({max_images}) allows: {exc.message}"
+            ) from None
         raise MalformedBody(f"malformed multipart body: {exc.message}") from None
     try:
         for name in IMAGE_FIELDS:
-            value = form.get(name)
-            if isinstance(value, UploadFile):
-                return await value.read()
-            if isinstance(value, str):
-                return decode_base64(value)
+            values = form.getlist(name)
+            if not values:
+                continue
+            if len(values) > max_images:
+                raise too_many_images(len(values), max_images)
+            images: list[bytes | ServiceError] = [
+                await value.read() if isinstance(value, UploadFile) else _decoded(value) for value in values
+            ]
+            return Upload(images, several=len(images) > 1)
         fields = ", ".join(sorted(set(form.keys()))) or "none"
         raise MissingImage(f"the multipart body has no `image` (or `file`) part; parts received: {fields}")
     finally:
         await form.close()
 
 
-async def _from_json(request: Request, body_limit: int, upload_limit: int) -> bytes:
+async def _from_json(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:
     body = await _read_body(request, body_limit, upload_limit)
     try:
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MissingImage('the JSON body is not valid JSON; send {"image": "<base64>"}') from None
+    if isinstance(document, dict) and "image" not in document and "images" in document:
+        listed = document["images"]
+        if not isinstance(listed, list) or not listed:
+            raise MissingImage('"images" must be a non-empty list of base64 strings')
+        if len(listed) > max_images:
+            raise too_many_images(len(listed), max_images)
+        images: list[bytes | ServiceError] = [
+            _decoded(item) if isinstance(item, str) else InvalidBase64(f"images[{i}] is not a base64 string")
+            for i, item in enumerate(listed)
+        ]
+        return Upload(images, several=True)
     if not isinstance(document, dict) or not isinstance(document.get("image"), str):
         raise MissingImage('the JSON body has no base64 string under key "image"')
-    return decode_base64(document["image"])
+    return Upload([_decoded(document["image"])], several=False)
 
 
-async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
+async def _raw(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:
+    return Upload([await _read_body(request, body_limit, upload_limit)], several=False)
+
+
+def _checked(data: bytes | ServiceError, max_upload_bytes: int) -> bytes | ServiceError:
+    if isinstance(data, ServiceError):
+        return data
+    if len(data) > max_upload_bytes:
+        return _too_large(max_upload_bytes)
+    if not data:
+        return EmptyImage("the image is empty (0 bytes)")
+    return data
+
+
+async def read_upload(request: Request, max_upload_bytes: int, max_images: int) -> Upload:
+    """The request's images. A request of one image raises that image's error, as it always did."""
     content_type = request.headers.get("content-type", "")
     media_type = content_type.partition(";")[0].strip().lower()
 
@@ -118,7 +182,7 @@ async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
         # base64 makes four characters of every three bytes.
         body_limit, reader = (max_upload_bytes * 4 + 2) // 3 + _FRAMING_BYTES, _from_json
     elif media_type.startswith("image/") or media_type == "application/octet-stream":
-        body_limit, reader = max_upload_bytes, _read_body
+        body_limit, reader = max_upload_bytes, _raw
     else:
         shown = media_type or "none"
         raise UnsupportedMediaType(
@@ -127,9 +191,17 @@ async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
         )
 
     _check_declared_length(request, body_limit, max_upload_bytes)
-    data = await reader(request, body_limit, max_upload_bytes)
-    if len(data) > max_upload_bytes:
-        raise _too_large(max_upload_bytes)
-    if not data:
-        raise EmptyImage("the image is empty (0 bytes)")
+    upload = await reader(request, body_limit, max_upload_bytes, max_images)
+    images = [_checked(data, max_upload_bytes) for data in upload.images]
+    if not upload.several and isinstance(images[0], ServiceError):
+        raise images[0]
+    return Upload(images, upload.several)
+
+
+async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
+    """The one image of a single-image request (several images: 413)."""
+    upload = await read_upload(request, max_upload_bytes, 1)
+    (data,) = upload.images
+    if isinstance(data, ServiceError):
+        raise data
     return data

@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,10 +27,21 @@ from service.threads import named_pool
 log = logging.getLogger(__name__)
 
 
+class Engine(Protocol):
+    """What the scheduler runs: service.model.Classifier. Each job names its own, so a model swapped in while
+    jobs wait never runs a job accepted for the model before it."""
+
+    @property
+    def wide(self) -> object: ...
+
+    def predict(self, batch: np.ndarray, wide: bool = False) -> np.ndarray: ...
+
+
 @dataclass
 class Job:
     pixels: np.ndarray
     deadline: float
+    engine: Engine = field(repr=False)
     future: asyncio.Future[np.ndarray] = field(repr=False)
 
 
@@ -47,9 +58,7 @@ class SchedulerHooks:
 class Scheduler:
     def __init__(
         self,
-        predict: Callable[[np.ndarray, bool], np.ndarray],
         *,
-        wide_ready: Callable[[], bool] = lambda: False,
         workers: int,
         max_batch: int,
         batch_wait_s: float,
@@ -57,8 +66,6 @@ class Scheduler:
         retry_after_s: int = 1,
         hooks: SchedulerHooks | None = None,
     ) -> None:
-        self._predict = predict
-        self._wide_ready = wide_ready
         self._workers = workers
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
@@ -73,39 +80,61 @@ class Scheduler:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
 
-    async def infer(
-        self, pixels: np.ndarray, timeout_s: float, gone: Callable[[], Awaitable[None]] | None = None
-    ) -> np.ndarray:
-        """Queue one (height, width, 3) image and await its probabilities.
+    @property
+    def capacity(self) -> int:
+        """The most images one call of `infer` can queue."""
+        return self._queue.maxsize
 
-        503 if the queue is full, 504 past `timeout_s`, 499 as soon as `gone()` (the client leaving) completes.
+    async def infer(
+        self,
+        engine: Engine,
+        images: Sequence[np.ndarray],
+        timeout_s: float,
+        gone: Callable[[], Awaitable[None]] | None = None,
+    ) -> list[np.ndarray]:
+        """Queue (height, width, 3) images for `engine`, all or none, and await their probabilities in order.
+
+        503 if the queue has no room for all of them, 504 past `timeout_s`, 499 as soon as `gone()` (the
+        client leaving) completes.
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down", headers={"Retry-After": self._retry_after})
-        loop = asyncio.get_running_loop()
-        job = Job(pixels, loop.time() + timeout_s, loop.create_future())
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
+        if self._queue.maxsize - self._queue.qsize() < len(images):
             raise Overloaded(
                 f"the inference queue is full ({self._queue.maxsize} waiting); retry shortly",
                 headers={"Retry-After": self._retry_after},
-            ) from None
+            )
+        loop = asyncio.get_running_loop()
+        jobs = [Job(pixels, loop.time() + timeout_s, engine, loop.create_future()) for pixels in images]
+        for job in jobs:  # room was checked above, and nothing awaits in between
+            self._queue.put_nowait(job)
         self._hooks.on_queue_depth(self._queue.qsize())
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
         try:
-            waiting: set[asyncio.Future[Any]] = {job.future} | ({watcher} if watcher else set())
-            await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if job.future.done():
-                return job.future.result()
-            if watcher is not None and watcher.done():
-                raise ClientDisconnected("the client closed the connection before the answer")
-            raise DeadlineExceeded(f"no answer within {timeout_s:g} s (REQUEST_TIMEOUT_S)")
+            pending: set[asyncio.Future[Any]] = {job.future for job in jobs}
+            waiting = pending | ({watcher} if watcher else set())
+            until = loop.time() + timeout_s
+            while pending:
+                left = until - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                finished = {future for future in pending if future.done()}
+                for future in finished:
+                    future.result()  # the first failure fails the request
+                pending -= finished
+                waiting -= finished
+                if pending and watcher is not None and watcher.done():
+                    raise ClientDisconnected("the client closed the connection before the answer")
+            if pending:
+                raise DeadlineExceeded(f"no answer within {timeout_s:g} s (REQUEST_TIMEOUT_S)")
+            return [job.future.result() for job in jobs]
         finally:
             if watcher is not None:
                 watcher.cancel()
             # Synchronously, before any worker runs again: a job nobody waits for is skipped, not computed.
-            job.future.cancel()
+            for job in jobs:
+                job.future.cancel()
 
     async def _next_batch(self) -> list[Job]:
         jobs = [await self._queue.get()]
@@ -136,27 +165,30 @@ class Scheduler:
                     self._queue.task_done()
 
     async def _run(self, jobs: list[Job], now: float) -> None:
-        loop = asyncio.get_running_loop()
-        live = []
+        by_engine: dict[int, list[Job]] = {}
         for job in jobs:
             if job.future.done():  # cancelled: the client is gone or gave up
                 continue
             if now > job.deadline:
                 job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
                 continue
-            live.append(job)
-        if not live:
-            return
+            by_engine.setdefault(id(job.engine), []).append(job)
+        # More than one engine only while a swapped-out model still has jobs queued: each runs on its own.
+        for live in by_engine.values():
+            await self._run_on(live[0].engine, live)
+
+    async def _run_on(self, engine: Engine, live: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
         # One image (the common case unbatched) is passed as a view: no copy of its megabyte on the event loop.
         batch = live[0].pixels[None] if len(live) == 1 else np.stack([job.pixels for job in live])
         # Decided and counted with no await in between: two workers can never both see themselves alone.
-        wide = self._in_flight == 0 and self._queue.empty() and self._wide_ready()
+        wide = self._in_flight == 0 and self._queue.empty() and engine.wide is not None
         self._hooks.on_run(wide)
         self._in_flight += len(live)
         self._hooks.on_in_flight(self._in_flight)
         started = time.perf_counter()
         try:
-            probabilities = await loop.run_in_executor(self._pool, self._predict, batch, wide)
+            probabilities = await loop.run_in_executor(self._pool, engine.predict, batch, wide)
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(live))
             for job in live:
@@ -184,7 +216,10 @@ class Scheduler:
 
 
 class Admission:
-    """Caps the requests inside the service (decoding, queued or in the engine): beyond it, 503 at once."""
+    """Caps the images inside the service (decoding, queued or in the engine): beyond it, 503 at once.
+
+    A request counts once per image it carries.
+    """
 
     def __init__(self, limit: int, retry_after_s: int = 1) -> None:
         self.limit = limit
@@ -192,14 +227,15 @@ class Admission:
         self._retry_after = str(retry_after_s)
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        if self.pending >= self.limit:
+    def admit(self, images: int = 1) -> Iterator[None]:
+        """Room for `images` more images (a request of several counts each), or 503 at once."""
+        if self.pending + images > self.limit:
             raise Overloaded(
                 f"{self.pending} requests are already being served (the limit is {self.limit}); retry shortly",
                 headers={"Retry-After": self._retry_after},
             )
-        self.pending += 1
+        self.pending += images
         try:
             yield
         finally:
-            self.pending -= 1
+            self.pending -= images

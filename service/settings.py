@@ -77,6 +77,8 @@ class Settings:
     threads: int = 1
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Images in one request (several `image` parts, JSON `images`, an OIP tensor of N images): 413 beyond it.
+    max_images_per_request: int = 16
     log_level: str = "info"
     # The scheduler (service/scheduler.py). WORKERS engine workers share THREADS cores: each session run
     # gets THREADS // WORKERS intra-op threads (1 by default: one single-threaded run per core).
@@ -119,6 +121,7 @@ class Settings:
             threads=threads,
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000),
+            max_images_per_request=_int(env, "MAX_IMAGES_PER_REQUEST", 16),
             log_level=log_level,
             workers=_int(env, "WORKERS", threads),
             max_batch=_int(env, "MAX_BATCH", 1),

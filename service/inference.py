@@ -1,0 +1,125 @@
+"""The data plane: the one place where images become answers, whichever protocol brought them.
+
+Every protocol's endpoints (service/endpoints.py, service/oip.py) only translate their request into a call
+here and the answer back. Here: the model a request is served by (pinned when its images are in, so a hot
+swap never changes it halfway), admission, decoding in the decode pool, the deadline, the scheduler, and the
+client leaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, PayloadTooLarge, ServiceError
+from service.imaging import preprocess
+from service.metrics import Metrics
+from service.model import Classifier
+from service.payload import too_many_images
+from service.scheduler import Admission, Scheduler
+from service.settings import Settings
+
+Gone = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one request got: the model that answered it, and per image its probabilities or its error."""
+
+    model: Classifier
+    results: list[np.ndarray | ServiceError]
+
+
+class DataPlane:
+    def __init__(
+        self,
+        settings: Settings,
+        model: Classifier,
+        scheduler: Scheduler,
+        decode_pool: Executor,
+        admission: Admission,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self._scheduler = scheduler
+        self._decode_pool = decode_pool
+        self._admission = admission
+        self._metrics = metrics
+
+    @property
+    def max_images(self) -> int:
+        """Images one request may carry: MAX_IMAGES_PER_REQUEST, and never more than the queue can take at once."""
+        return min(self.settings.max_images_per_request, self._scheduler.capacity)
+
+    def deadline(self) -> float:
+        """When a request that arrives now must be answered (time.monotonic())."""
+        return time.monotonic() + self.settings.request_timeout_s
+
+    def swap(self, model: Classifier) -> Classifier:
+        """Serve `model` from the next request on; requests already admitted finish on the one returned."""
+        old, self.model = self.model, model
+        return old
+
+    def check_count(self, count: int) -> None:
+        if count > self.max_images:
+            if count <= self.settings.max_images_per_request:  # the queue is the smaller bound
+                raise PayloadTooLarge(
+                    f"{count} images in one request; the inference queue takes {self.max_images} (MAX_QUEUE)"
+                )
+            raise too_many_images(count, self.max_images)
+
+    async def classify(self, images: Sequence[bytes | ServiceError], deadline: float, gone: Gone | None) -> Answer:
+        """Encoded images -> probabilities, each image decoded as the model it is served by expects."""
+        self.check_count(len(images))
+        model = self.model
+        good = [i for i, item in enumerate(images) if isinstance(item, bytes)]
+        results: list[np.ndarray | ServiceError] = [
+            item if isinstance(item, ServiceError) else np.empty(0) for item in images
+        ]
+        if not good:
+            return Answer(model, results)
+        with self._admission.admit(len(good)):
+            # Decoding runs in its own bounded pool, overlapping the engine's work, never on the event loop.
+            decoded = await asyncio.gather(*(self._decode(images[i], model) for i in good))  # type: ignore[arg-type]
+            for i, item in zip(good, decoded, strict=True):
+                results[i] = item
+            ready = [i for i in good if isinstance(results[i], np.ndarray)]
+            if ready:
+                pixels = [results[i] for i in ready]
+                rows = await self._infer(model, pixels, deadline, gone)  # type: ignore[arg-type]
+                for i, row in zip(ready, rows, strict=True):
+                    results[i] = row
+        return Answer(model, results)
+
+    async def classify_pixels(self, pixels: np.ndarray, deadline: float, gone: Gone | None) -> Answer:
+        """Preprocessed (N, height, width, 3) float32 pixels -> probabilities."""
+        self.check_count(len(pixels))
+        model = self.model
+        with self._admission.admit(len(pixels)):
+            rows = await self._infer(model, list(pixels), deadline, gone)
+        return Answer(model, list(rows))
+
+    async def _decode(self, data: bytes, model: Classifier) -> np.ndarray | ServiceError:
+        started = time.perf_counter()
+        try:
+            pixels: np.ndarray = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, preprocess, data, model.manifest.preprocessing, self.settings.max_image_pixels
+            )
+        except ServiceError as exc:
+            return exc
+        self._metrics.decode.observe(time.perf_counter() - started)
+        return pixels
+
+    async def _infer(
+        self, model: Classifier, pixels: list[np.ndarray], deadline: float, gone: Gone | None
+    ) -> list[np.ndarray]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"no answer within {self.settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)")
+        return await self._scheduler.infer(model, pixels, remaining, gone)
