@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import socket
 import time
+from io import BytesIO
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers import Server, image_bytes, running_service, write_tiny_artifact
 
@@ -48,9 +53,25 @@ def test_infer_multipart_image_field_like_the_original_clients(tiny_server: Serv
     assert set(body) == {"class", "score"}  # a trained model's answer carries no warning
 
 
-def test_infer_multipart_file_alias_and_no_filename(tiny_server: Server) -> None:
+def test_infer_multipart_file_alias(tiny_server: Server) -> None:
     response = httpx.post(f"{tiny_server.url}/infer", files={"file": ("x", GREEN_JPEG, "application/octet-stream")})
     assert response.json()["class"] == "green"
+
+
+def _multipart(name: str, value: bytes, filename: str | None) -> tuple[bytes, dict[str, str]]:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+    body = b"--b0undary\r\nContent-Disposition: " + disposition.encode() + b"\r\n\r\n" + value + b"\r\n--b0undary--\r\n"
+    return body, {"content-type": "multipart/form-data; boundary=b0undary"}
+
+
+def test_a_part_without_filename_is_a_text_field_read_as_base64(tiny_server: Server) -> None:
+    # Without a filename a multipart part is a form field, not a file: its text must be base64.
+    body, headers = _multipart("image", base64.b64encode(GREEN_JPEG), None)
+    assert httpx.post(f"{tiny_server.url}/infer", content=body, headers=headers).json()["class"] == "green"
+    body, headers = _multipart("file", GREEN_JPEG, None)  # raw bytes sent as a field
+    _error(httpx.post(f"{tiny_server.url}/infer", content=body, headers=headers), 422, "invalid_base64")
+    body, headers = _multipart("image", GREEN_JPEG, "car.jpg")  # the same bytes as a file part
+    assert httpx.post(f"{tiny_server.url}/infer", content=body, headers=headers).json()["class"] == "green"
 
 
 def test_infer_json_base64(tiny_server: Server) -> None:
@@ -134,36 +155,55 @@ def _raw_request(server: Server, head: bytes, body_chunks: int, chunk: bytes) ->
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(head)
         sent = 0
+        pending = b""  # a non-blocking send may take part of a chunk: the rest goes first next time
         sock.setblocking(False)
         answer = b""
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                answer += sock.recv(65536)
-                if b"\r\n\r\n" in answer:
+                received = sock.recv(65536)
+                answer += received
+                if b"\r\n\r\n" in answer or not received:
                     break
             except BlockingIOError:
                 pass
-            if sent < body_chunks:
-                try:
-                    sock.send(chunk)
-                    sent += 1
-                except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-                    pass
+            if not pending and sent < body_chunks:
+                pending, sent = chunk, sent + 1
+            if pending:
+                with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    pending = pending[sock.send(pending) :]
             else:
                 time.sleep(0.01)
         return answer, sent
 
 
-def test_oversized_declared_length_is_refused_before_the_body(tiny_server: Server) -> None:
-    head = b"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: 104857600\r\n\r\n"
-    answer, sent = _raw_request(tiny_server, head, body_chunks=0, chunk=b"")
-    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    assert sent == 0
+def test_oversized_declared_length_is_refused_from_the_header(tiny_server: Server) -> None:
+    # Not one byte of the body is sent: only a check of Content-Length can answer. A check made while or after
+    # the body streams in would wait for it (and end in 408 or the test's own deadline), not answer 413.
+    for content_type in ("image/jpeg", "application/json", "multipart/form-data; boundary=x"):
+        declared = 104857600
+        head = (
+            f"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\nContent-Length: {declared}\r\n\r\n"
+        ).encode()
+        answer, _ = _raw_request(tiny_server, head, body_chunks=0, chunk=b"")
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b'"code":"payload_too_large"' in answer and b"2,097,152 bytes" in answer, answer
+
+
+def test_the_size_is_checked_again_once_the_image_is_read(tiny_server: Server) -> None:
+    # Within the body limits (base64 and multipart framing are allowed for), yet the image itself is over
+    # MAX_UPLOAD_BYTES (2 MiB here): only the check after reading can refuse these. Without it, 400 invalid_image.
+    over = b"\x00" * (2 * 1024 * 1024 + 1000)
+    as_json = httpx.post(f"{tiny_server.url}/infer", json={"image": base64.b64encode(over).decode()})
+    assert "2,097,152 bytes" in as_json.json()["error"]["message"]
+    _error(as_json, 413, "payload_too_large")
+    _error(httpx.post(f"{tiny_server.url}/infer", files={"image": over}), 413, "payload_too_large")
 
 
 def test_oversized_streamed_body_is_refused_while_it_streams(tiny_server: Server) -> None:
     # Chunked upload, no Content-Length: the server can only count. 2 MiB limit, 64 KiB chunks, 100 MiB offered.
+    # Past the limit the server reads and drops up to MAX_DISCARD_BYTES (4 MiB here) so the client can read the
+    # 413, then closes: a server that buffered the whole body first would take all 1600 chunks.
     chunk = b"10000\r\n" + b"\x00" * 0x10000 + b"\r\n"
     head = b"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
     answer, sent = _raw_request(tiny_server, head, body_chunks=1600, chunk=chunk)
@@ -200,6 +240,49 @@ def test_malformed_multipart_is_400(tiny_server: Server) -> None:
 )
 def test_json_without_valid_base64_image_is_422(tiny_server: Server, body: object, code: str) -> None:
     _error(httpx.post(f"{tiny_server.url}/infer", json=body), 422, code)
+
+
+def test_url_safe_and_line_broken_base64_are_accepted(tiny_server: Server) -> None:
+    noisy = np.random.default_rng(3).integers(0, 80, (16, 16, 3), dtype=np.uint8)
+    noisy[:, :, 2] += 170  # blue dominates
+    buffer = BytesIO()
+    Image.fromarray(noisy).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    standard = base64.b64encode(data).decode()
+    url_safe = base64.urlsafe_b64encode(data).decode()
+    assert ("+" in standard or "/" in standard) and url_safe != standard
+    lines = base64.encodebytes(data).decode()  # MIME style: a line break every 76 characters
+    assert lines.count("\n") > 2
+    for text in (standard, url_safe, lines, "data:image/png;base64," + url_safe):
+        response = httpx.post(f"{tiny_server.url}/infer", json={"image": text})
+        assert response.json()["class"] == "blue", (text[:40], response.text)
+
+
+@pytest.mark.parametrize("content_type", ["application/vnd.api+json", "application/JSON; charset=utf-8"])
+def test_json_flavoured_content_types_carry_json(tiny_server: Server, content_type: str) -> None:
+    body = json.dumps({"image": base64.b64encode(RED).decode()}).encode()
+    response = httpx.post(f"{tiny_server.url}/infer", content=body, headers={"content-type": content_type})
+    assert response.json()["class"] == "red", response.text
+
+
+def test_multipart_with_too_many_parts_is_refused(tiny_server: Server) -> None:
+    fields = {f"note{i}": "x" for i in range(80)}
+    response = httpx.post(f"{tiny_server.url}/infer", files={"image": RED}, data=fields)
+    _error(response, 413, "payload_too_large")
+    files = [(f"extra{i}", ("x.png", RED, "image/png")) for i in range(40)]
+    _error(
+        httpx.post(f"{tiny_server.url}/infer", files=[("image", ("a.png", RED, "image/png")), *files]),
+        413,
+        "payload_too_large",
+    )
+
+
+def test_an_image_with_no_pixels_is_400(tiny_server: Server) -> None:
+    gif = bytearray(image_bytes((1, 2, 3), size=(1, 1), fmt="GIF"))
+    gif[6:10] = b"\x00\x00\x00\x00"  # a 0x0 logical screen
+    frame = gif.index(b",")
+    gif[frame + 5 : frame + 9] = b"\x00\x00\x00\x00"  # and a 0x0 frame
+    _error(httpx.post(f"{tiny_server.url}/infer", files={"image": bytes(gif)}), 400, "invalid_image")
 
 
 def test_json_that_is_not_json_is_422(tiny_server: Server) -> None:

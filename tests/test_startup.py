@@ -1,4 +1,4 @@
-"""Start-up: a bad artifact stops `python -m service` with one clear line and a non-zero exit."""
+"""Start-up: a bad artifact stops `python -m service` with one clear line and exit code 3, a bad setting with 2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, write_unrunnable_model
 
 
 def _start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -27,9 +27,14 @@ def _copy(tiny_artifact: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode != 0
+BAD_SETTING, BAD_ARTIFACT = 2, 3  # the exit codes the README documents
+
+
+def _assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str, code: int = BAD_ARTIFACT) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("service: ")]
+    assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in result.stderr, result.stderr
 
@@ -95,33 +100,19 @@ def test_model_input_that_does_not_take_the_preprocessed_images(tiny_artifact: P
 
 
 def test_model_that_loads_but_cannot_run(tiny_artifact: Path, tmp_path: Path) -> None:
-    import onnx
-    from onnx import helper
-
-    from service.manifest import sha256_file
-
     artifact = _copy(tiny_artifact, tmp_path)
-    model = onnx.load(str(artifact / "model.onnx"))
-    # Reshape the (batch, 4) answer to the input's own shape: valid as a graph, fails on every run.
-    (output,) = model.graph.output
-    model.graph.node[-1].output[0] = "answer"
-    model.graph.node.extend(
-        [
-            helper.make_node("Shape", ["input"], ["input_shape"]),
-            helper.make_node("Reshape", ["answer", "input_shape"], [output.name]),
-        ]
-    )
-    output.type.tensor_type.ClearField("shape")
-    onnx.save(model, str(artifact / "model.onnx"))
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    manifest["model"]["sha256"] = sha256_file(artifact / "model.onnx")
-    manifest["model"]["bytes"] = (artifact / "model.onnx").stat().st_size
-    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    write_unrunnable_model(artifact)
     _assert_clean_failure(_start(artifact), "failed its first run")
 
 
-def test_bad_setting(tiny_artifact: Path) -> None:
-    _assert_clean_failure(_start(tiny_artifact, PORT="eighty"), "PORT")
+@pytest.mark.parametrize(("key", "value"), [("PORT", "eighty"), ("WORKERS", "0"), ("LOG_LEVEL", "loud")])
+def test_bad_setting(tiny_artifact: Path, key: str, value: str) -> None:
+    result = _start(tiny_artifact, **{key: value})
+    _assert_clean_failure(result, "bad setting", key, code=BAD_SETTING)
+
+
+def test_a_bad_setting_is_reported_before_the_artifact_is_read(tmp_path: Path) -> None:
+    _assert_clean_failure(_start(tmp_path / "nothing-here", THREADS="0"), "THREADS", code=BAD_SETTING)
 
 
 @pytest.mark.parametrize(
