@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import available_cpus
+from service.cpus import _cgroup_quota, available_cpus
 from service.settings import Settings, SettingsError
 
 
@@ -41,7 +41,23 @@ def test_reads_every_variable() -> None:
         "DECODE_THREADS": "4",
     }
     s = Settings.from_env(env)
-    assert s == Settings(Path("/models/x"), "127.0.0.1", 8080, 3, 1000, 2000, "warning", 1, 8, 5.0, 10, 2.5, 4)
+    expected = {
+        "model_dir": Path("/models/x"),
+        "host": "127.0.0.1",
+        "port": 8080,
+        "threads": 3,
+        "max_upload_bytes": 1000,
+        "max_image_pixels": 2000,
+        "log_level": "warning",
+        "workers": 1,
+        "max_batch": 8,
+        "batch_wait_ms": 5.0,
+        "max_queue": 10,
+        "request_timeout_s": 2.5,
+        "decode_threads": 4,
+    }
+    assert {key: getattr(s, key) for key in expected} == expected
+
     assert s.intra_op_threads == 3
 
 
@@ -62,17 +78,35 @@ def test_bad_values_name_the_variable(key: str, value: str) -> None:
         Settings.from_env({key: value})
 
 
-def test_cgroup_quota_caps_the_cpu_count(tmp_path: Path) -> None:
+def test_cgroup_v2_quota_is_read(tmp_path: Path) -> None:
+    # Read directly, so a broken reading shows on any machine, however many CPUs it has.
+    assert _cgroup_quota(tmp_path) is None  # no cgroup files at all
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert available_cpus(tmp_path) == min(2, available_cpus(tmp_path / "none"))
-    (tmp_path / "cpu.max").write_text("50000 100000\n")
-    assert available_cpus(tmp_path) == 1
+    assert _cgroup_quota(tmp_path) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert available_cpus(tmp_path) == available_cpus(tmp_path / "none")
+    assert _cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("garbage\n")
+    assert _cgroup_quota(tmp_path) is None
+
+
+def test_cgroup_quota_caps_the_cpu_count(tmp_path: Path) -> None:
+    uncapped = available_cpus(tmp_path / "none")
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cpus(tmp_path) == min(2, uncapped)  # 1.5 CPUs round up to 2
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert available_cpus(tmp_path) == 1  # never below one
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == uncapped
 
 
 def test_cgroup_v1_quota(tmp_path: Path) -> None:
     (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("250000\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_quota(tmp_path) == 2.5
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
     assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1's "no limit"
+    assert _cgroup_quota(tmp_path) is None
