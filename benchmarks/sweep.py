@@ -244,6 +244,20 @@ def _f(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _busy_machine_warning(result: dict[str, Any]) -> list[str]:
+    loads = [p["load_average_1min"] for p in result["points"] if p.get("load_average_1min") is not None]
+    cores = result["machine"]["cores_available"]
+    if not loads or statistics.median(loads) <= 2 * cores:
+        return []
+    return [
+        "",
+        f"**Warning: an oversubscribed machine.** The 1-minute load average was {min(loads):g} to {max(loads):g} "
+        f"(median {statistics.median(loads):g}) on {cores} cores: other work was queued for the cores throughout, "
+        "and contention does not hurt the two systems alike. Use these figures to check the harness, not to "
+        "judge the servers; rerun on a quiet machine.",
+    ]
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     sets = ", ".join(f"{s}: {len(v['sizes'])} sizes {'/'.join(v['sizes'])}" for s, v in result["sets"].items())
@@ -257,6 +271,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "Locust's (rounded to 2 significant digits above 100 ms) and include failed requests. Machine load: the "
         "1-minute load average at the end of the point (the machine has "
         f"{m['cores_available']} cores; above that, other work was queued for them).",
+        *_busy_machine_warning(result),
         "",
         "**Ours / naive, same round** (throughput > 1 and latency < 1 favour ours):",
         "",
@@ -313,13 +328,16 @@ def markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+TICKS_MS = [m * 10**e for e in range(0, 6) for m in (1, 2, 5)]
+
+
 def write_plot(result: dict[str, Any], path: Path) -> None:
     """p50 (solid) and p99 (dashed) latency against throughput, one curve per system, one panel per image set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     sets = list(result["sets"])
     fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 5), squeeze=False)
@@ -338,8 +356,10 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
                 ax.annotate(str(r["users"]), (r["answered_per_s"], r["p50_ms"]), textcoords="offset points",
                             xytext=(4, -10), fontsize=7, color=color)  # fmt: skip
         ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ax.set_yticks([t for t in TICKS_MS if low <= t <= high])
         ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("answered requests/s")
         ax.set_ylabel("latency ms (log scale)")
         ax.set_title(f"{image_set} images (labels: concurrent clients)")
