@@ -317,13 +317,14 @@ def _probabilities(answer: Answer) -> np.ndarray:
 
 def _classification(probabilities: np.ndarray, labels: list[str], k: int) -> list[bytes]:
     k = min(k, probabilities.shape[1])
-    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    # Triton's form: the score as C's %f, the class index, the label.
-    return [
-        f"{row[i]:f}:{i}:{labels[i]}".encode()
-        for row, indices in zip(probabilities, best, strict=True)
-        for i in indices
-    ]
+    strings = []
+    for row in probabilities:
+        # The selection of Classifier.top, so ties rank as /infer's top_k ranks them.
+        best = np.argpartition(-row, k - 1)[:k]
+        best = best[np.argsort(-row[best], kind="stable")]
+        # Triton's form: the score as C's %f, the class index, the label.
+        strings += [f"{row[i]:f}:{i}:{labels[i]}".encode() for i in best]
+    return strings
 
 
 def _serialized(elements: list[bytes]) -> bytes:
