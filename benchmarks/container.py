@@ -1,0 +1,248 @@
+"""The images, measured: each image's own layers (everything above the base), what each package costs in the serve
+image, and the serve container's cold start (launch to the first answered /infer) next to the venv's.
+
+    python -m benchmarks.container                                  # about 2 minutes with the images cached
+    python -m benchmarks.container --baseline-rev b95e470 --launches 8
+
+Builds both Dockerfiles with podman exactly as tests/test_container.py does (scripts/podman-setup, the stand-in
+base from scripts/container-base, `podman build --format docker --pull=never --network host`; docs/containers.md).
+`--baseline-rev REV` also builds the serve image from that revision's Dockerfile (on this tree's service/ and
+artifacts/) and reports its sizes beside: what a change to the Dockerfile saved. Cold start launches
+`podman run --rm --read-only --network host` of the serve image and `python -m service` of this tree, both on the
+committed artifact, interleaved (round 0 uncounted, as in benchmarks.cold_start). Writes results/<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import payloads
+from benchmarks.ab import Variant, alternating
+from benchmarks.cold_start import launch
+from benchmarks.report import command_line, provenance, save
+from benchmarks.run import ROOT, System, _free_port, start, stop
+
+HERE = Path(__file__).resolve().parent
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+BASE = "docker.io/library/python:3.11-slim-bookworm"
+SERVE, EXPORT, BASELINE = (
+    "localhost/car-classifier:bench",
+    "localhost/car-classifier-export:bench",
+    "localhost/car-classifier:bench-baseline",
+)
+SITE_PACKAGES = "/opt/venv/lib/python3.11/site-packages"
+MB = 1e6
+
+# Run inside an image: disk usage (du's blocks) of site-packages per installed distribution, from each one's
+# RECORD (top-level names); what no distribution claims is reported under its own name.
+PACKAGE_SIZES = r"""
+import importlib.metadata, json, os, sys
+root = sys.argv[1]
+def usage(path):
+    total = os.lstat(path).st_blocks * 512
+    if os.path.isdir(path) and not os.path.islink(path):
+        for folder, dirs, files in os.walk(path):
+            total += sum(os.lstat(os.path.join(folder, n)).st_blocks * 512 for n in dirs + files)
+    return total
+owner = {}
+for dist in importlib.metadata.distributions(path=[root]):
+    for file in dist.files or []:
+        top = file.parts[0]
+        if top.endswith(".py"):
+            owner.setdefault(top, dist.metadata["Name"])
+            owner.setdefault("__pycache__/" + top[:-3], dist.metadata["Name"])
+        elif top != "..":
+            owner.setdefault(top, dist.metadata["Name"])
+sizes = {}
+for entry in os.listdir(root):
+    name = owner.get(entry, entry)
+    sizes[name] = sizes.get(name, 0) + usage(os.path.join(root, entry))
+print(json.dumps(sizes))
+"""
+
+
+def podman(*args: str, timeout: float = 120) -> str:
+    done = subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"podman {' '.join(args)} exited {done.returncode}: {done.stderr[-3000:]}")
+    return done.stdout
+
+
+def prepare() -> None:
+    """The system setting and the stand-in base, as the container test makes them (both do nothing when done)."""
+    for script in ("podman-setup", "container-base"):
+        subprocess.run(["bash", str(ROOT / "scripts" / script)], check=True, timeout=900)
+
+
+def build(dockerfile: Path, tag: str) -> None:
+    mounts = [f"-v={p}:{p}:ro" for p in ("/etc/ssl/certs", "/etc/pip.conf") if Path(p).exists()]
+    podman("build", "--format", "docker", "--pull=never", "--network", "host", *mounts,
+           "-f", str(dockerfile), "-t", tag, str(ROOT), timeout=1800)  # fmt: skip
+
+
+def layers(tag: str) -> dict[str, Any]:
+    """The image's size and its own layers: those above the base's (podman history lists the newest first)."""
+    history = json.loads(podman("history", "--format", "json", tag))
+    own = history[: len(history) - len(json.loads(podman("history", "--format", "json", BASE)))]
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", tag))
+    base = int(podman("image", "inspect", "--format", "{{.Size}}", BASE))
+    return {
+        "image_mb": round(size / MB, 1),
+        "own_layers_mb": round((size - base) / MB, 1),
+        "layers": [
+            {"mb": round(h["size"] / MB, 1), "step": " ".join(h["CreatedBy"].replace("/bin/sh -c #(nop) ", "").split())}
+            for h in reversed(own)
+            if h["size"]
+        ],
+    }
+
+
+def package_sizes(tag: str) -> dict[str, float]:
+    raw = json.loads(
+        podman("run", "--rm", "--network", "none", "--entrypoint", "python", tag, "-c", PACKAGE_SIZES, SITE_PACKAGES)
+    )
+    return {name: round(size / MB, 1) for name, size in sorted(raw.items(), key=lambda kv: -kv[1])}
+
+
+def container_launch(tag: str, image: bytes, log: Path) -> float:
+    """Seconds from `podman run` to the container's first answered /infer; podman forwards the SIGTERM after."""
+    port = _free_port()
+    command = [*PODMAN, "run", "--rm", "--read-only", "--network", "host",
+               "-e", f"PORT={port}", "-e", "HOST=127.0.0.1", "-e", "LOG_LEVEL=warning", tag]  # fmt: skip
+    process, seconds = start(System("container", command, {}), f"http://127.0.0.1:{port}", image, log)
+    stop(process)
+    return seconds
+
+
+def cold_starts(launches: int, image: bytes, work: Path) -> dict[str, Any]:
+    runs: dict[str, Any] = {
+        "container": lambda i: container_launch(SERVE, image, work / f"container-{i}.log"),
+        "venv": lambda i: launch(Variant(), ROOT, image, work / f"venv-{i}.log"),
+    }
+    rounds: list[dict[str, float]] = []
+    for i in range(launches + 1):
+        seconds = {name: runs[name](i) for name in alternating(list(runs), i)}
+        print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
+        if i:
+            rounds.append(seconds)
+    summary = {}
+    for name in runs:
+        values = [r[name] for r in rounds]
+        summary[name] = {
+            "median_s": round(statistics.median(values), 3),
+            "min_s": round(min(values), 3),
+            "max_s": round(max(values), 3),
+        }
+    ratio = statistics.median(r["container"] / r["venv"] for r in rounds)
+    return {"rounds": rounds, "summary": summary, "container / venv (median of rounds)": round(ratio, 3)}
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    m, images = result["machine"], result["images"]
+    serve = images["serve"]
+    lines = [
+        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
+        f"available, podman {result['podman']}, base `{BASE}` = scripts/container-base's stand-in "
+        f"({result['base_mb']} MB, Debian's Python 3.11.2).",
+        "",
+        "| image | whole image MB | own layers MB (above the base) |",
+        "|---|---|---|",
+    ]
+    for name, image in images.items():
+        lines.append(f"| {name} | {image['image_mb']} | **{image['own_layers_mb']}** |")
+    lines += [
+        "",
+        f"Own layers, serve / export: **{result['serve / export own layers']}**.",
+        "",
+        "Serve image, its own layers:",
+        "",
+        "| MB | step |",
+        "|---|---|",
+    ]
+    lines += [f"| {layer['mb']} | `{layer['step'][:110]}` |" for layer in serve["layers"]]
+    baseline = images.get("serve at baseline")
+    title = f"| package | MB | MB at {result['baseline_rev']} |" if baseline else "| package | MB |"
+    lines += [
+        "",
+        f"Serve image, `{SITE_PACKAGES}` by distribution (du):",
+        "",
+        title,
+        "|---|---|" + ("---|" if baseline else ""),
+    ]
+    names = list(serve["packages"]) + [n for n in (baseline or {}).get("packages", {}) if n not in serve["packages"]]
+    for name in names:
+        row = f"| {name} | {serve['packages'].get(name, 0)} |"
+        lines.append(row + (f" {baseline['packages'].get(name, 0)} |" if baseline else ""))
+    total = f"| **total** | **{round(sum(serve['packages'].values()), 1)}** |"
+    lines.append(total + (f" **{round(sum(baseline['packages'].values()), 1)}** |" if baseline else ""))
+    starts = result.get("cold_start")
+    if starts:
+        lines += [
+            "",
+            f"Cold start, launch to the first answered `/infer` (one 640x480 JPEG, committed artifact), "
+            f"{len(starts['rounds'])} counted launches each, interleaved after one uncounted:",
+            "",
+            "| launched | median s | min s | max s |",
+            "|---|---|---|---|",
+        ]
+        for name, launched in (
+            ("container", "`podman run --rm --read-only --network host` of the serve image"),
+            ("venv", "`python -m service` in the venv"),
+        ):
+            row = starts["summary"][name]
+            lines.append(f"| {launched} | **{row['median_s']}** | {row['min_s']} | {row['max_s']} |")
+        lines += [
+            "",
+            f"Container / venv (median of rounds): **{starts['container / venv (median of rounds)']}**.",
+        ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.container", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--launches", type=int, default=8, help="counted cold starts of each (0: sizes only)")
+    parser.add_argument("--baseline-rev", help="also build the serve image from this revision's Dockerfile")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default="container")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("podman runs as root here (docs/containers.md)")
+
+    prepare()
+    build(ROOT / "Dockerfile", SERVE)
+    build(ROOT / "Dockerfile.export", EXPORT)
+    images = {"serve": {**layers(SERVE), "packages": package_sizes(SERVE)}, "export": layers(EXPORT)}
+    with tempfile.TemporaryDirectory(prefix="container-bench-") as tmp:
+        work = Path(tmp)
+        if args.baseline_rev:
+            dockerfile = work / "Dockerfile.baseline"
+            shown = subprocess.run(
+                ["git", "show", f"{args.baseline_rev}:Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=True
+            )
+            dockerfile.write_text(shown.stdout)
+            build(dockerfile, BASELINE)
+            images["serve at baseline"] = {**layers(BASELINE), "packages": package_sizes(BASELINE)}
+        result: dict[str, Any] = {
+            **provenance(command_line("python -m benchmarks.container", argv)),
+            "podman": podman("version", "--format", "{{.Client.Version}}").strip(),
+            "base_mb": round(int(podman("image", "inspect", "--format", "{{.Size}}", BASE)) / MB, 1),
+            "baseline_rev": args.baseline_rev,
+            "images": images,
+            "serve / export own layers": round(images["serve"]["own_layers_mb"] / images["export"]["own_layers_mb"], 3),
+        }
+        if args.launches:
+            result["cold_start"] = cold_starts(args.launches, payloads.image_bytes()[0], work)
+    save(args.out, args.name, result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
