@@ -2,12 +2,14 @@
 
     python -m export --reference --keep-variants /tmp/reference-variants --out /tmp/reference-artifact
     python -m benchmarks.op_profile --variants-dir /tmp/reference-variants        (about 1 minute)
+    python -m benchmarks.op_profile --kernels      (the swish and rescaling alternatives alone, seconds)
 
 Each variant (an artifact folder written by `--keep-variants`) runs as the service runs it: one session,
 one intra-op thread, batch 1, the service's session options (so QDQ pairs are fused into QLinear kernels
 exactly as in production). The profiler (`SessionOptions.enable_profiling`) records every kernel of every
-run; warm-up runs are dropped by their timestamps. Median latency is measured again without the profiler,
-whose per-node bookkeeping costs a little. Writes results/<name>.{json,md} (default name: op_profile).
+run; warm-up runs are dropped by their timestamps, and each node's figure is its median over the runs.
+Latency is measured again without the profiler, whose per-node bookkeeping costs a little, as wall time and
+as the calling thread's CPU time. Writes results/<name>.{json,md} (default name: op_profile).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 from benchmarks.report import command_line, provenance, save
 from export.images import synthetic_jpegs
@@ -41,16 +45,19 @@ def _input(manifest: Manifest, seed: int = 11) -> np.ndarray:
     return array.astype(manifest.input.dtype)
 
 
-def _latency_ms(model: Path, feed: dict[str, np.ndarray], runs: int) -> float:
+def _latency_ms(model: Path, feed: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
+    """Median wall and thread-CPU milliseconds per run. With one intra-op thread onnxruntime runs the whole
+    graph on the calling thread, so its CPU time is the run's cost even while other jobs share the cores."""
     session = ort.InferenceSession(str(model), session_options(1), providers=["CPUExecutionProvider"])
     for _ in range(WARMUP):
         session.run(None, feed)
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         session.run(None, feed)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - started) * 1000)
+        cpu.append((time.thread_time() - started_cpu) * 1000)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def kernel_events(events: list[dict[str, Any]], skip_runs: int) -> tuple[list[dict[str, Any]], int]:
@@ -71,39 +78,40 @@ def kernel_events(events: list[dict[str, Any]], skip_runs: int) -> tuple[list[di
 
 
 def summarize(kernels: list[dict[str, Any]], runs: int) -> dict[str, Any]:
-    by_node: dict[str, dict[str, Any]] = {}
+    """Per node, the median of its kernel times over the runs: a run preempted by another job on the machine
+    inflates one sample of each node it hit, not the figure."""
+    samples: dict[str, list[float]] = defaultdict(list)
+    info: dict[str, dict[str, Any]] = {}
     for e in kernels:
         name = e["name"].removesuffix("_kernel_time")
-        node = by_node.setdefault(
-            name,
-            {"node": name, "op": e["args"].get("op_name", "?"), "us": 0.0, "output_shape": _shapes(e["args"])},
-        )
-        node["us"] += float(e["dur"])
-    total_us = sum(n["us"] for n in by_node.values())
+        samples[name].append(float(e["dur"]))
+        info.setdefault(name, {"op": e["args"].get("op_name", "?"), "output_shape": _shapes(e["args"])})
+    us = {name: statistics.median(values) for name, values in samples.items()}
+    total_us = sum(us.values())
     by_op: dict[str, dict[str, float]] = defaultdict(lambda: {"nodes": 0, "us": 0.0})
-    for n in by_node.values():
-        by_op[n["op"]]["nodes"] += 1
-        by_op[n["op"]]["us"] += n["us"]
+    for name, value in us.items():
+        by_op[info[name]["op"]]["nodes"] += 1
+        by_op[info[name]["op"]]["us"] += value
     ops = [
         {
             "op": op,
             "nodes": int(v["nodes"]),
-            "ms_per_run": round(v["us"] / runs / 1000, 3),
+            "ms_per_run": round(v["us"] / 1000, 3),
             "share": round(v["us"] / total_us, 4),
         }
         for op, v in sorted(by_op.items(), key=lambda kv: -kv[1]["us"])
     ]
     nodes = [
         {
-            "node": n["node"],
-            "op": n["op"],
-            "ms_per_run": round(n["us"] / runs / 1000, 3),
-            "share": round(n["us"] / total_us, 4),
-            "output_shape": n["output_shape"],
+            "node": name,
+            "op": info[name]["op"],
+            "ms_per_run": round(value / 1000, 3),
+            "share": round(value / total_us, 4),
+            "output_shape": info[name]["output_shape"],
         }
-        for n in sorted(by_node.values(), key=lambda n: -n["us"])[:TOP_NODES]
+        for name, value in sorted(us.items(), key=lambda kv: -kv[1])
     ]
-    return {"kernel_ms_per_run": round(total_us / runs / 1000, 3), "nodes": len(by_node), "by_op": ops, "top": nodes}
+    return {"kernel_ms_per_run": round(total_us / 1000, 3), "nodes": len(us), "by_op": ops, "all_nodes": nodes}
 
 
 def _shapes(args: dict[str, Any]) -> list[Any]:
@@ -133,12 +141,16 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"onnxruntime {result['onnxruntime']}. Batch 1, one intra-op thread, the service's session options, "
         f"{result['runs']} profiled runs after {WARMUP} warm-up runs.",
         "",
-        "| variant | quantization | median latency ms (no profiler) | kernel time ms/run (profiler) | nodes |",
-        "|---|---|---|---|---|",
+        "Latency and CPU: medians without the profiler (CPU: the calling thread's CPU time, which is the run's "
+        "whole cost with one intra-op thread). Kernel times: per node, the median over the profiled runs.",
+        "",
+        "| variant | quantization | latency ms | CPU ms | kernel ms/run (profiler) | nodes |",
+        "|---|---|---|---|---|---|",
     ]
     for v in result["variants"]:
         lines.append(
-            f"| {v['name']} | {v['quantization']} | {v['latency_ms']} | {v['kernel_ms_per_run']} | {v['nodes']} |"
+            f"| {v['name']} | {v['quantization']} | {v['latency_ms']} | {v['cpu_ms']} | {v['kernel_ms_per_run']} "
+            f"| {v['nodes']} |"
         )
     for v in result["variants"]:
         lines += [
@@ -163,6 +175,92 @@ def markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _kernel_models() -> dict[str, tuple[onnx.ModelProto, np.ndarray]]:
+    """Alternatives for two things the profile singled out, each as a one-node-or-few model.
+
+    Swish on a uint8 tensor of the shape of EfficientNetV2-B3's first blocks: the QLinearSigmoid x QLinearMul
+    pair the int8 graph runs, a 256-entry lookup table (Cast + Gather: one uint8 input has only 256 values),
+    and the swish in float between DequantizeLinear and QuantizeLinear. The input rescaling's per-channel Add:
+    its constant shaped [1, 1, 1, 3] as exported, and tiled along the width to [1, 1, W, 3].
+    """
+    shape = [1, 150, 150, 40]
+    u8 = onnx.TensorProto.UINT8
+    x_u8 = helper.make_tensor_value_info("x", u8, shape)
+    y_u8 = helper.make_tensor_value_info("y", u8, shape)
+    scalars = [
+        numpy_helper.from_array(np.array(v, dtype), name)
+        for name, v, dtype in (
+            ("s", 0.05, np.float32),
+            ("z", 128, np.uint8),
+            ("s_sig", 1 / 256, np.float32),
+            ("z_sig", 0, np.uint8),
+            ("s_out", 0.03, np.float32),
+            ("z_out", 10, np.uint8),
+        )
+    ]
+    table = numpy_helper.from_array(np.arange(256, dtype=np.uint8), "table")
+    graphs = {
+        "swish: QLinearSigmoid + QLinearMul (int8 graph)": [
+            helper.make_node("QLinearSigmoid", ["x", "s", "z", "s_sig", "z_sig"], ["sig"], domain="com.microsoft"),
+            helper.make_node(
+                "QLinearMul", ["x", "s", "z", "sig", "s_sig", "z_sig", "s_out", "z_out"], ["y"], domain="com.microsoft"
+            ),
+        ],
+        "swish: 256-entry table, Cast + Gather": [
+            helper.make_node("Cast", ["x"], ["index"], to=onnx.TensorProto.INT32),
+            helper.make_node("Gather", ["table", "index"], ["y"], axis=0),
+        ],
+        "swish: float between DequantizeLinear and QuantizeLinear": [
+            helper.make_node("DequantizeLinear", ["x", "s", "z"], ["f"]),
+            helper.make_node("Sigmoid", ["f"], ["sig"]),
+            helper.make_node("Mul", ["f", "sig"], ["m"]),
+            helper.make_node("QuantizeLinear", ["m", "s_out", "z_out"], ["y"]),
+        ],
+    }
+    rng = np.random.default_rng(0)
+    models = {}
+    for name, nodes in graphs.items():
+        graph = helper.make_graph(nodes, "swish", [x_u8], [y_u8], [*scalars, table])
+        models[name] = (_model(graph), rng.integers(0, 256, shape, dtype=np.uint8))
+    image = [1, 300, 300, 3]
+    for label, constant_shape in (
+        ("[1, 1, 1, 3] as exported", (1, 1, 1, 3)),
+        ("tiled to [1, 1, 300, 3]", (1, 1, 300, 3)),
+    ):
+        constant = numpy_helper.from_array(
+            np.tile(np.float32([-0.485, -0.456, -0.406]), constant_shape[2]).reshape(constant_shape), "c"
+        )
+        graph = helper.make_graph(
+            [helper.make_node("Add", ["x", "c"], ["y"])],
+            "rescale",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, image)],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, image)],
+            [constant],
+        )
+        models[f"input rescaling Add, constant {label}"] = (_model(graph), rng.uniform(0, 1, image).astype(np.float32))
+    return models
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def kernels(runs: int) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="op-kernels-") as work:
+        for name, (model, x) in _kernel_models().items():
+            path = Path(work) / "m.onnx"
+            onnx.save(model, str(path))
+            wall, cpu = _latency_ms(path, {"x": x}, runs)
+            rows.append(
+                {"kernel": name, "input_shape": list(x.shape), "latency_ms": round(wall, 3), "cpu_ms": round(cpu, 3)}
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.op_profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants-dir", type=Path, default=Path("/tmp/reference-variants"), help="--keep-variants DIR")
@@ -170,24 +268,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=25, help="profiled runs per variant")
     p.add_argument("--name", default="op_profile", help="results/<name>.{json,md}")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="instead: time the swish and rescaling alternatives alone (results/<name>-kernels)",
+    )
+    p.add_argument("--all-nodes", type=Path, metavar="FILE", help="also write every node's time here (JSON)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result: dict[str, Any] = provenance(command_line("python -m benchmarks.op_profile", argv))
-    result |= {"onnxruntime": ort.__version__, "runs": args.runs, "variants": []}
+    result |= {"onnxruntime": ort.__version__, "runs": args.runs}
+    if args.kernels:
+        result["kernels"] = kernels(args.runs * 4)
+        lines = [
+            f"Command: `{result['command']}` ({result['created_at']}); {result['machine']['cpu']} "
+            f"(VNNI: {result['machine']['vnni']}), onnxruntime {result['onnxruntime']}. Each alternative alone as a "
+            f"small model, one intra-op thread, the service's session options, median of {args.runs * 4} runs.",
+            "",
+            "| kernel | input shape | latency ms | CPU ms |",
+            "|---|---|---|---|",
+            *(f"| {r['kernel']} | {r['input_shape']} | {r['latency_ms']} | {r['cpu_ms']} |" for r in result["kernels"]),
+        ]
+        save(args.results, f"{args.name}-kernels", result, lines)
+        return result
+    result["variants"] = []
+    all_nodes: dict[str, list[dict[str, Any]]] = {}
     for name in args.variants:
         folder = args.variants_dir / name
         manifest = Manifest.read(folder)
         model = folder / manifest.model.file
         feed = {manifest.input.name: _input(manifest)}
-        latency = _latency_ms(model, feed, args.runs)
+        wall, cpu = _latency_ms(model, feed, args.runs)
         summary = profile(model, feed, args.runs)
-        result["variants"].append(
-            {"name": name, "quantization": manifest.model.quantization, "latency_ms": round(latency, 2)} | summary
+        nodes = summary.pop("all_nodes")
+        variant = {"name": name, "quantization": manifest.model.quantization, "latency_ms": round(wall, 2)}
+        variant |= {"cpu_ms": round(cpu, 2)} | summary | {"top": nodes[:TOP_NODES]}
+        result["variants"].append(variant)
+        all_nodes[name] = nodes
+        print(
+            f"{name}: {wall:.1f} ms median ({cpu:.1f} ms CPU), {summary['kernel_ms_per_run']} ms of kernels", flush=True
         )
-        print(f"{name}: {latency:.1f} ms median, {summary['kernel_ms_per_run']} ms of kernels per run", flush=True)
+    if args.all_nodes:
+        args.all_nodes.write_text(json.dumps(all_nodes, indent=1) + "\n")
     save(args.results, args.name, result, markdown(result))
     return result
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from export.parity import Thresholds
-from export.quantize import VARIANTS
+from export.quantize import EXPERIMENTS, VARIANTS
 from service.manifest import RESIZE_FILTERS
 
 
@@ -38,20 +38,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder (default: artifacts/)")
     p.add_argument("--calibration-dir", type=Path, help="images for static int8 calibration (default: synthetic)")
-    p.add_argument("--validation-dir", type=Path, help="images for the parity check (default: the calibration set)")
+    p.add_argument(
+        "--validation-dir",
+        type=Path,
+        help="images for the parity check (default: the --calibration-dir images left after calibration; "
+        "the export warns when validation and calibration images overlap)",
+    )
     p.add_argument("--calibration-count", type=int, default=64, help="at most this many calibration images")
     p.add_argument("--validation-count", type=int, default=32, help="at most this many validation images")
     p.add_argument("--bn-batches", type=int, default=40, help="reference only: BatchNorm re-estimation batches")
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=VARIANTS,
+        choices=VARIANTS + EXPERIMENTS,
         default=list(VARIANTS),
-        help="candidate variants (default: all); the fastest that passes the parity gate ships",
+        help=f"candidate variants (default: {' '.join(VARIANTS)}; also measurable: {' '.join(EXPERIMENTS)}); "
+        "the fastest that passes the parity gate ships",
     )
     p.add_argument(
         "--quantization",
-        choices=VARIANTS,
+        choices=VARIANTS + EXPERIMENTS,
         help="ship this variant (it must still pass the gate): the same as --variants with one name",
     )
     d = Thresholds()

@@ -75,22 +75,52 @@ def failures(variant: str, parity: Parity, thresholds: Thresholds, trained: bool
 def onnx_predict(path: Path, arrays: np.ndarray, batch: int = 8) -> np.ndarray:
     session = ort.InferenceSession(str(path), session_options(0), providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
-    parts = [session.run([output], {INPUT_NAME: arrays[i : i + batch]})[0] for i in range(0, len(arrays), batch)]
+    parts = [
+        session.run([output], {INPUT_NAME: _as_input(arrays[i : i + batch], session)})[0]
+        for i in range(0, len(arrays), batch)
+    ]
     return np.concatenate(parts).astype(np.float32)
 
 
-def latency_ms(path: Path, sample: np.ndarray, runs: int = 20) -> float:
-    """Median batch-1 latency with one intra-op thread: the service's per-worker configuration."""
-    session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
-    feed = {INPUT_NAME: sample[:1]}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+@dataclass(frozen=True)
+class Timing:
+    latency_ms: float  # median wall time of a batch-1 run
+    cpu_ms: float  # median CPU time of the same runs
+
+
+def latencies_ms(paths: dict[str, Path], sample: np.ndarray, rounds: int = 5, runs: int = 8) -> dict[str, Timing]:
+    """Batch-1 timings of each model with one intra-op thread: the service's per-worker configuration.
+
+    The models take turns, `runs` runs each per round, so that a spell of load from elsewhere on the machine
+    slows them all alike instead of whichever was being timed. With one intra-op thread onnxruntime runs the
+    whole graph on the calling thread, so that thread's CPU time is a run's cost even on a busy machine,
+    where wall time also counts the time other processes held the core.
+    """
+    sessions = {
+        name: ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        for name, path in paths.items()
+    }
+    feeds = {name: {s.get_inputs()[0].name: _as_input(sample[:1], s)} for name, s in sessions.items()}
+    wall: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu: dict[str, list[float]] = {name: [] for name in sessions}
+    for name, session in sessions.items():
+        for _ in range(3):
+            session.run(None, feeds[name])
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for _ in range(runs):
+                started, started_cpu = time.perf_counter(), time.thread_time()
+                session.run(None, feeds[name])
+                wall[name].append((time.perf_counter() - started) * 1000)
+                cpu[name].append((time.thread_time() - started_cpu) * 1000)
+    return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name])) for name in sessions}
+
+
+def _as_input(arrays: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
+    """float32 pixels as the model takes them: rounded to uint8 for a uint8-input model."""
+    if session.get_inputs()[0].type == "tensor(uint8)":
+        return np.clip(np.rint(arrays), 0, 255).astype(np.uint8)
+    return arrays.astype(np.float32, copy=False)
 
 
 def as_dict(parity: Parity) -> dict[str, Any]:

@@ -7,14 +7,22 @@ dataset, exported to static INT8 calibrated on the training split, and judged on
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="needs the export requirements (TensorFlow)")
-pytest.importorskip("sklearn", reason="needs scikit-learn for the digits images")
-pytestmark = [pytest.mark.export, pytest.mark.slow]
+from tests.system import IN_CI
+
+# Looked up, not imported, so that collecting under `-m "not export"` stays TensorFlow-free; in CI the export
+# requirements are installed and nothing may skip.
+_MISSING = [name for name in ("tensorflow", "sklearn") if find_spec(name) is None]
+pytestmark = [
+    pytest.mark.export,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(_MISSING) and not IN_CI, reason=f"needs the export requirements ({_MISSING})"),
+]
 
 
 def test_int8_keeps_the_accuracy_of_a_trained_model(tmp_path: Path, record_property: object) -> None:
@@ -46,10 +54,10 @@ def test_int8_keeps_the_accuracy_of_a_trained_model(tmp_path: Path, record_prope
             validation_count=len(test_blobs),
             # The bar, as the gate: the export must find a static int8 variant that meets it.
             thresholds=Thresholds(min_top1_agreement=0.98),
-            variants=("static", "static_u8"),
+            variants=("static", "static_u8", "mixed"),  # the int8 candidates the reference export chooses from
         )
     )
-    assert manifest.model.quantization in ("static_int8", "static_int8_u8"), manifest.export["variants"]
+    assert manifest.export["selected"] in ("static", "static_u8", "mixed"), manifest.export["variants"]
 
     classifier = Classifier.load(out, threads=1)
     int8 = np.concatenate([classifier.predict(test[i : i + 64]) for i in range(0, len(test), 64)]).argmax(-1)
