@@ -1,5 +1,6 @@
-"""Container recipes and requirement files. No Docker engine here: hadolint checks the Dockerfiles, and the
-serve image's contents are rebuilt as a fresh venv from requirements-serve.txt running the image's CMD."""
+"""Container recipes and requirement files, without an engine: hadolint checks both Dockerfiles, and the serve
+image's venv is rebuilt here the way its builder stage installs and compiles it, then runs the image's CMD.
+tests/test_container.py builds and runs the real images with podman (docs/containers.md)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,9 @@ def test_serve_requirements_have_no_tensorflow() -> None:
 
 @pytest.mark.slow
 def test_fresh_serve_venv_runs_the_image_cmd(tmp_path: Path) -> None:
-    """What the image holds, built as the Dockerfile builds it: a venv from requirements-serve.txt without pip,
-    compiled to hash-checked bytecode, plus service/ (compiled the same way) and artifacts/, nothing else."""
+    """The image's venv, built as the Dockerfile builds it: from requirements-serve.txt without pip, compiled to
+    hash-checked bytecode, plus service/ (compiled the same way) and artifacts/. A check that needs no podman and
+    no root; the image itself (which also drops files the service never loads) is tests/test_container.py's."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
