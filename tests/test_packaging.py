@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import ROOT, image_bytes, start_service, stop_service
 
 HADOLINT = Path(sys.executable).parent / "hadolint"
-PIN = re.compile(r"^[A-Za-z0-9_.\-]+==[0-9][^\s;]*$")
+PIN = re.compile(r"^[A-Za-z0-9_.\-]+(\[[A-Za-z0-9_,.\-]+\])?==[0-9][^\s;]*$")  # name[extras]==version
 
 
 def _requirements(name: str) -> list[str]:
