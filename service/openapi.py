@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
-from service import endpoints
+from service import endpoints, oip
 from service.errors import ServiceError
 from service.middleware import ApiKey
 from service.settings import Settings
@@ -30,6 +30,15 @@ OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1.0.0"
 # Answered by endpoints.ready directly, not by a ServiceError subclass.
 NOT_READY = "not_ready"
+# ProtocolError's statuses in service/oip.py (it takes the status as an argument, so it cannot be walked).
+_OIP_STATUSES = {400, 404, 415, 503}
+_OIP_HEADER: JSON = {
+    "name": oip.HEADER_LENGTH,
+    "in": "header",
+    "required": False,
+    "description": "the JSON header's length when binary tensor data follows it",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
 _ERROR_HEADERS: dict[int, JSON] = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
     503: {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "string"}}},
@@ -125,6 +134,94 @@ def _schemas() -> JSON:
                 },
             },
         },
+        "Results": {
+            "type": "object",
+            "required": ["results"],
+            "additionalProperties": False,
+            "properties": {
+                "results": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"anyOf": [_ref("Prediction"), _ref("Error")]},
+                    "description": "one per image, in the order sent",
+                },
+                "warning": {"type": "string", "description": "present only while the untrained model is served"},
+            },
+        },
+        "OipError": {
+            "type": "object",
+            "required": ["error"],
+            "additionalProperties": False,
+            "properties": {"error": {"type": "string"}},
+        },
+        "OipTensor": {
+            "type": "object",
+            "required": ["name", "datatype", "shape"],
+            "properties": {
+                "name": {"type": "string"},
+                "datatype": {"type": "string", "examples": ["BYTES", "FP32"]},
+                # -1 in model metadata: a dimension of any size.
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": -1}},
+                "parameters": {"type": ["object", "null"]},
+                "data": {"description": "the elements, row-major (nested lists allowed); absent for binary data"},
+            },
+        },
+        "OipInferenceRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                # null is taken as absent, for these optional members
+                "id": {"type": ["string", "null"]},
+                "parameters": {"type": ["object", "null"]},
+                "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _ref("OipTensor")},
+                "outputs": {
+                    "type": ["array", "null"],
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {"name": {"const": oip.OUTPUT}, "parameters": {"type": ["object", "null"]}},
+                    },
+                },
+            },
+        },
+        "OipInferenceResponse": {
+            "type": "object",
+            "required": ["model_name", "outputs"],
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "parameters": {
+                    "type": "object",
+                    "description": "`warning` while the untrained reference model is served",
+                },
+                "outputs": {"type": "array", "items": _ref("OipTensor")},
+            },
+        },
+        "OipModelMetadata": {
+            "type": "object",
+            "required": ["name", "versions", "platform", "inputs", "outputs"],
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string"},
+                "inputs": {"type": "array", "items": _ref("OipTensor")},
+                "outputs": {"type": "array", "items": _ref("OipTensor")},
+            },
+        },
+        "OipLoaded": {
+            "type": "object",
+            "required": ["name", "version", "sha256", "replaced"],
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "sha256": {"type": "string"},
+                "replaced": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "sha256": {"type": "string"}},
+                },
+            },
+        },
         "Home": {
             "type": "object",
             "required": ["status", "model"],
@@ -158,13 +255,17 @@ def _schemas() -> JSON:
 
 def _infer(settings: Settings) -> JSON:
     binary = {"type": "string", "format": "binary"}
-    limit = f"at most {settings.max_upload_bytes:,} bytes (MAX_UPLOAD_BYTES)"
+    most = settings.max_images_per_request
+    limit = f"at most {settings.max_upload_bytes:,} bytes (MAX_UPLOAD_BYTES) in all"
     return {
-        "summary": "Classify one image",
+        "summary": "Classify an image, or several",
         "description": (
             "The image may come as a multipart part, as base64 in JSON, or as the raw body. Its format is "
             "detected from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF), whatever the content type claims. "
-            f"The image is {limit}, and at most {settings.max_image_pixels:,} pixels (MAX_IMAGE_PIXELS)."
+            f"The upload is {limit}; each image at most {settings.max_image_pixels:,} pixels "
+            f"(MAX_IMAGE_PIXELS).\n\nSeveral images in one request (several `image` parts, or JSON "
+            f'`{{"images": [...]}}`, at most {most}: MAX_IMAGES_PER_REQUEST, 413 beyond it) answer '
+            '`{"results": [...]}` in order, each a prediction or, for a bad image, its own `error` object.'
         ),
         "parameters": [
             {
@@ -183,7 +284,10 @@ def _infer(settings: Settings) -> JSON:
                         "type": "object",
                         # `image` or `file`: said in prose, since schemathesis's negative cases mistake an
                         # anyOf of two `required` for a requirement of both.
-                        "description": "one image, in part `image` or (when `image` is absent) part `file`",
+                        "description": (
+                            "one image in part `image` (or, when `image` is absent, part `file`); "
+                            f"several images as up to {most} parts named `image`"
+                        ),
                         "minProperties": 1,
                         "properties": {
                             "image": {**binary, "description": "the image file (a base64 text field works too)"},
@@ -195,13 +299,21 @@ def _infer(settings: Settings) -> JSON:
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "required": ["image"],
+                        "description": "`image` (one image), or `images` (several) when `image` is absent",
+                        "minProperties": 1,
                         "properties": {
                             "image": {
                                 "type": "string",
                                 "description": "base64 (standard or URL-safe), optionally a data: URL",
                                 "contentEncoding": "base64",
-                            }
+                            },
+                            "images": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": most,
+                                # No item type: an item that is not base64 is answered as that image's error.
+                                "items": {"description": "base64, like `image`"},
+                            },
                         },
                     }
                 },
@@ -209,11 +321,158 @@ def _infer(settings: Settings) -> JSON:
                 "application/octet-stream": {"schema": binary},
             },
         },
-        "responses": {"200": _json(_ref("Prediction"), "the most likely class")},
+        "responses": {
+            "200": _json(
+                {"anyOf": [_ref("Prediction"), _ref("Results")]},
+                "the most likely class; `results` when several images were sent",
+            )
+        },
     }
 
 
-def _describe(settings: Settings) -> dict[tuple[str, str], Callable[[], JSON]]:
+def _oip_errors(statuses: set[int]) -> dict[str, JSON]:
+    # The protocol answers `{"error": "<message>"}`; the middleware in front (401, the connection limit's 503)
+    # answers in the service's own shape before the protocol is reached.
+    schema = {"anyOf": [_ref("OipError"), _ref("Error")]}
+    return {
+        str(status): {"description": "the protocol's error", "content": {"application/json": {"schema": schema}}}
+        for status in sorted(statuses)
+    }
+
+
+def _path_name(model_name: str | None) -> JSON:
+    parameter: JSON = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    parameter["description"] = "the model's name, as `GET /` gives it"
+    if model_name is not None:
+        parameter["example"] = model_name
+    return parameter
+
+
+def _oip_infer(path: list[JSON]) -> JSON:
+    header = oip.HEADER_LENGTH
+    statuses = {cls.status_code for cls in error_classes() if cls.status_code != 401} | _OIP_STATUSES
+    return {
+        "summary": "Open Inference Protocol: infer",
+        "description": (
+            f"One input: `{oip.IMAGE_INPUT}` (BYTES [N] or [N, 1], one encoded image per element, base64 in JSON "
+            f"`data`) or `{oip.PIXELS_INPUT}` (FP32 [N, height, width, 3], preprocessed). The output "
+            f"`{oip.OUTPUT}` is FP32 [N, classes], or with `parameters: {{classification: k}}` BYTES [N, k] of "
+            f"`score:index:label`. With the binary tensor data extension the body is the JSON header followed by "
+            f"the binary data, and `{header}` gives the header's length (requests and responses)."
+        ),
+        "parameters": [*path, _OIP_HEADER],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _ref("OipInferenceRequest")},
+                "application/octet-stream": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": f"the JSON header then the binary data; `{header}` is required",
+                    },
+                },
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "the outputs asked for",
+                "headers": {header: {"description": "present when outputs are binary", "schema": {"type": "string"}}},
+                "content": {
+                    "application/json": {"schema": _ref("OipInferenceResponse")},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            **_oip_errors(statuses),
+        },
+    }
+
+
+def _oip(settings: Settings, model_name: str | None) -> dict[tuple[str, str], Callable[[], JSON]]:
+    """The Open Inference Protocol routes (service/oip.py), with and without `/versions/{version}`."""
+    path = [_path_name(model_name)]
+    metadata = {
+        "summary": "Open Inference Protocol: model metadata",
+        "parameters": path,
+        "responses": {"200": _json(_ref("OipModelMetadata"), "the model"), **_oip_errors({404})},
+    }
+    ready = {
+        "summary": "Open Inference Protocol: model readiness",
+        "parameters": path,
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "required": ["name", "ready"],
+                    "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
+                },
+                "ready",
+            ),
+            **_oip_errors({404, 503}),
+        },
+    }
+    versioned = [
+        *path,
+        {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}, "example": oip.VERSION},
+    ]
+    described: dict[tuple[str, str], Callable[[], JSON]] = {
+        ("/v2", "get"): lambda: {
+            "summary": "Open Inference Protocol: server metadata",
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["name", "version", "extensions"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "version": {"type": "string"},
+                            "extensions": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    "the server",
+                )
+            },
+        },
+        ("/v2/health/live", "get"): lambda: {
+            "summary": "Open Inference Protocol: liveness",
+            "responses": {"200": _json(_flag("live"), "alive")},
+        },
+        ("/v2/health/ready", "get"): lambda: {
+            "summary": "Open Inference Protocol: readiness",
+            "responses": {"200": _json(_flag("ready"), "ready"), **_oip_errors({503})},
+        },
+        ("/v2/models/{name}", "get"): lambda: metadata,
+        ("/v2/models/{name}/versions/{version}", "get"): lambda: {**metadata, "parameters": versioned},
+        ("/v2/models/{name}/ready", "get"): lambda: ready,
+        ("/v2/models/{name}/versions/{version}/ready", "get"): lambda: {**ready, "parameters": versioned},
+        ("/v2/models/{name}/infer", "post"): lambda: _oip_infer(path),
+        ("/v2/models/{name}/versions/{version}/infer", "post"): lambda: {
+            **_oip_infer(path),
+            "parameters": [*versioned, _OIP_HEADER],
+        },
+        ("/v2/repository/models/{name}/load", "post"): lambda: {
+            "summary": "Open Inference Protocol, model repository extension: load MODEL_DIR again",
+            "description": "The artifact in MODEL_DIR replaces the model served, if it is valid and its name matches.",
+            "parameters": path,
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"parameters": {"type": ["object", "null"]}}},
+                    }
+                },
+            },
+            "responses": {"200": _json(_ref("OipLoaded"), "now serving"), **_oip_errors({400, 404, 408, 413})},
+        },
+    }
+    return described
+
+
+def _flag(name: str) -> JSON:
+    return {"type": "object", "required": [name], "properties": {name: {"const": True}}}
+
+
+def _describe(settings: Settings, model_name: str | None = None) -> dict[tuple[str, str], Callable[[], JSON]]:
     """What this module knows how to document, by (path, method)."""
     untrained = "While the untrained reference model is served, a `warning` key says so."
     return {
@@ -258,6 +517,7 @@ def _describe(settings: Settings) -> dict[tuple[str, str], Callable[[], JSON]]:
             "summary": "This document",
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
         },
+        **_oip(settings, model_name),
     }
 
 
@@ -286,6 +546,10 @@ def _undescribed(path: str, method: str) -> JSON:
     log.warning("%s %s has no description in service/openapi.py", method.upper(), path)
     return {
         "summary": "not described yet",
+        "parameters": [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", path)
+        ],
         "responses": {"default": {"description": f"{method.upper()} {path} has no description in service/openapi.py"}},
     }
 
@@ -299,9 +563,14 @@ def public_paths(app: Starlette) -> frozenset[str] | None:
     return None
 
 
+def _served_name(app: Starlette) -> str | None:
+    plane = getattr(app.state, "data_plane", None)
+    return None if plane is None else str(plane.model.manifest.name)
+
+
 def build_document(app: Starlette, settings: Settings) -> JSON:
     """The OpenAPI document of `app` as configured by `settings`."""
-    describe = _describe(settings)
+    describe = _describe(settings, _served_name(app))
     public = public_paths(app)
     all_errors = error_classes()
     auth_errors = [cls for cls in all_errors if cls.status_code == 401]
@@ -341,8 +610,5 @@ def build_document(app: Starlette, settings: Settings) -> JSON:
 
 
 async def openapi_json(request: Request) -> JSONResponse:
-    state = request.app.state
-    document = getattr(state, "openapi_document", None)
-    if document is None:
-        document = state.openapi_document = build_document(request.app, state.settings)
-    return JSONResponse(document)
+    # Built on each request (about a millisecond): a model load may change the name it gives as an example.
+    return JSONResponse(build_document(request.app, request.app.state.settings))
