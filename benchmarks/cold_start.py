@@ -17,6 +17,7 @@ results/<name>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -85,6 +86,14 @@ def markdown(result: dict[str, Any]) -> list[str]:
             if NAIVE in result["variants"]
             else ""
         ),
+        *(
+            [
+                f"Machine load, the 1-minute load average after each round: median {statistics.median(loads):g} "
+                f"({min(loads):g} to {max(loads):g}) on {m['cores_available']} cores."
+            ]
+            if (loads := result.get("load_average_1min"))
+            else []
+        ),
         "",
         f"| variant | median s | min s | max s | cold start / {first} (median of rounds) |",
         "|---|---|---|---|---|",
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image = payloads.image_bytes()[0]
     rounds: list[dict[str, float]] = []
+    loads: list[float] = []  # the machine's 1-minute load average after each counted round
     with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
         work = Path(tmp)
         code = service_code(variants, work)
@@ -126,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
             if i:
                 rounds.append(seconds)
+                loads.append(round(os.getloadavg()[0], 2))
     result = {
         **provenance(command_line("python -m benchmarks.cold_start", argv)),
         "variants": [label for label, _ in launchers],
         "rounds": rounds,
+        "load_average_1min": loads,
         "summary": summarize([label for label, _ in launchers], rounds),
     }
     save(args.out, args.name, result, markdown(result))
