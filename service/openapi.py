@@ -1,12 +1,13 @@
 """The OpenAPI 3.1 document, built from the running app so it cannot drift from the code.
 
-The paths and methods come from the app's route table (a route without a description here fails the build
-of the document, and the drift test); the error codes come from the `ServiceError` subclasses in
-service/errors.py; limits and the API key from the settings.
+The paths and methods come from the app's route table (a route without a description here is listed as
+"not described yet", and tests/test_openapi.py fails); the error codes come from the `ServiceError`
+subclasses in service/errors.py; limits from the settings; which routes need a key from the ApiKey middleware.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -388,7 +389,7 @@ def _oip_infer(path: list[JSON]) -> JSON:
     }
 
 
-def _oip(settings: Settings, model_name: str | None) -> dict[tuple[str, str], Callable[[], JSON]]:
+def _oip(model_name: str | None) -> dict[tuple[str, str], Callable[[], JSON]]:
     """The Open Inference Protocol routes (service/oip.py), with and without `/versions/{version}`."""
     path = [_path_name(model_name)]
     metadata = {
@@ -517,7 +518,7 @@ def _describe(settings: Settings, model_name: str | None = None) -> dict[tuple[s
             "summary": "This document",
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
         },
-        **_oip(settings, model_name),
+        **_oip(model_name),
     }
 
 
@@ -578,7 +579,8 @@ def build_document(app: Starlette, settings: Settings) -> JSON:
     paths: dict[str, JSON] = {}
     for path, method in app_operations(app):
         found = describe.get((path, method))
-        operation = found() if found else _undescribed(path, method)
+        # A fresh copy: the descriptions share sub-objects, and security adds to `responses` below.
+        operation = copy.deepcopy(found()) if found else _undescribed(path, method)
         if path == "/infer":
             operation["responses"].update(_errors(infer_errors))
         if public is not None and path not in public:
@@ -591,8 +593,9 @@ def build_document(app: Starlette, settings: Settings) -> JSON:
             "title": "Car classifier",
             "version": API_VERSION,
             "description": (
-                "Classifies a photo of a car into one of the Stanford Cars classes. Every error answers "
-                '`{"error": {"code": "...", "message": "..."}}`; clients should act on `code`.'
+                "Classifies a photo of a car into one of the Stanford Cars classes. Every error of the service's "
+                'own routes answers `{"error": {"code": "...", "message": "..."}}`: act on `code`. The Open '
+                'Inference Protocol routes (`/v2/...`) answer that protocol\'s `{"error": "<message>"}`.'
             ),
         },
         "paths": paths,
@@ -610,5 +613,10 @@ def build_document(app: Starlette, settings: Settings) -> JSON:
 
 
 async def openapi_json(request: Request) -> JSONResponse:
-    # Built on each request (about a millisecond): a model load may change the name it gives as an example.
-    return JSONResponse(build_document(request.app, request.app.state.settings))
+    # Built once per model served (a build takes milliseconds): a model load changes the name given as example.
+    state = request.app.state
+    name = _served_name(request.app)
+    cached: tuple[str | None, JSON] | None = getattr(state, "openapi_document", None)
+    if cached is None or cached[0] != name:
+        cached = state.openapi_document = (name, build_document(request.app, state.settings))
+    return JSONResponse(cached[1])
