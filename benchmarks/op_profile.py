@@ -134,6 +134,44 @@ def profile(model: Path, feed: dict[str, np.ndarray], runs: int) -> dict[str, An
     return summarize(kernels, runs)
 
 
+FLOAT_CONVS = ("Conv", "FusedConv")
+INT8_CONVS = ("QLinearConv",)
+
+
+def conv_classes(fp32: list[dict[str, Any]], int8: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Convolutions grouped by output size, float against int8, to see which kind gains from int8.
+
+    The float graph runs in onnxruntime's NCHWc layout ([1, C, H, W], C padded to a multiple of 8), the int8
+    graph in NHWC: both are keyed (H, W, C rounded up to 8)."""
+
+    def key(node: dict[str, Any], nchw: bool) -> tuple[int, int, int]:
+        shape = node["output_shape"][0]
+        h, w, c = (shape[2], shape[3], shape[1]) if nchw else (shape[1], shape[2], shape[3])
+        return h, w, -(-c // 8) * 8
+
+    groups: dict[tuple[int, int, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for nodes, ops, nchw, side in ((fp32, FLOAT_CONVS, True, "fp32"), (int8, INT8_CONVS, False, "int8")):
+        for n in nodes:
+            if n["op"] in ops and n["output_shape"] and len(n["output_shape"][0]) == 4:
+                g = groups[key(n, nchw)]
+                g[f"{side}_nodes"] += 1
+                g[f"{side}_ms"] += n["ms_per_run"]
+    rows = []
+    for (h, w, c), g in sorted(groups.items(), key=lambda kv: -kv[1]["int8_ms"]):
+        fp, q = round(g["fp32_ms"], 3), round(g["int8_ms"], 3)
+        rows.append(
+            {
+                "output_hwc": [h, w, c],
+                "fp32_nodes": int(g["fp32_nodes"]),
+                "fp32_ms": fp,
+                "int8_nodes": int(g["int8_nodes"]),
+                "int8_ms": q,
+                "int8_over_fp32": round(q / fp, 2) if fp else None,
+            }
+        )
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     lines = [
@@ -311,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"{name}: {wall:.1f} ms median ({cpu:.1f} ms CPU), {summary['kernel_ms_per_run']} ms of kernels", flush=True
         )
+    if "fp32" in all_nodes:
+        result["conv_classes"] = {
+            name: conv_classes(all_nodes["fp32"], nodes) for name, nodes in all_nodes.items() if name != "fp32"
+        }
     if args.all_nodes:
         args.all_nodes.write_text(json.dumps(all_nodes, indent=1) + "\n")
     save(args.results, args.name, result, markdown(result))

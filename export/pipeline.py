@@ -94,7 +94,8 @@ def image_set_report(calibration: list[bytes], validation: list[bytes]) -> tuple
     if len(calibration) < MIN_CALIBRATION_IMAGES:
         warnings.append(
             f"calibrating on {len(calibration)} images, fewer than {MIN_CALIBRATION_IMAGES}: int8 ranges from so "
-            "few images may not cover what the service will see (give --calibration-dir more images)"
+            "few images may not cover what the service will see (raise --calibration-count, or give "
+            "--calibration-dir more images)"
         )
     if overlap:
         warnings.append(
