@@ -92,6 +92,22 @@ def test_a_generated_photo_renders_the_apis_class_and_five_bars(page: Page, serv
     _check_rendered(page, server, _generated_photo(tmp_path / "generated.jpg"))
 
 
+def test_a_dropped_photo_is_classified(page: Page, server: Server, tmp_path: Path) -> None:
+    photo = _generated_photo(tmp_path / "dropped.jpg")
+    dropped = page.evaluate_handle(
+        """(bytes) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([new Uint8Array(bytes)], "dropped.jpg", { type: "image/jpeg" }));
+            return transfer;
+        }""",
+        list(photo.read_bytes()),
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    expect(page.locator("#class")).to_have_text(str(_api_answer(server, photo)["class"]))
+    expect(page.locator("#bars .bar")).to_have_count(5)
+    expect(page.locator("#filename")).to_contain_text("dropped.jpg")
+
+
 def test_the_untrained_banner_shows_before_any_upload(page: Page) -> None:
     expect(page.locator("#untrained")).to_be_visible()
     expect(page.locator("#model")).to_contain_text("classes")
