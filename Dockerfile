@@ -7,9 +7,9 @@ RUN python -m venv /opt/venv
 COPY requirements-serve.txt /tmp/requirements-serve.txt
 # Requirements before source: the dependency layer is rebuilt only when the pins change. Bytecode is
 # compiled here, validated by source hash rather than mtime, so it stays valid whatever the copy does to mtimes.
-# Removed first, as the service never loads them (66 MB of the venv's 201; benchmarks/results/container.md):
-# onnxruntime's C-API library (the Python binding has its own copy of the runtime) and its tools/,
-# transformers/, quantization/ (the export's, which has them), numpy's f2py and distutils, test suites, stubs.
+# Removed first, as the service never loads them (site-packages 207 -> 140 MB, benchmarks/results/container.md):
+# onnxruntime's C-API library (the Python binding carries its own copy of the runtime) and its tools/,
+# transformers/, quantization/ (the export image keeps them), numpy's f2py and distutils, test suites, stubs.
 RUN /opt/venv/bin/pip install --no-compile -r /tmp/requirements-serve.txt \
     && /opt/venv/bin/pip uninstall -y pip setuptools \
     && site=/opt/venv/lib/python3.11/site-packages \

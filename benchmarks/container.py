@@ -188,7 +188,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Cold start, launch to the first answered `/infer` (one 640x480 JPEG, committed artifact), "
-            f"{len(starts['rounds'])} counted launches each, interleaved after one uncounted:",
+            f"{len(starts['rounds'])} counted launches each, interleaved after one uncounted; 1-minute load "
+            f"average {starts['load_average_1min'][0]} before and {starts['load_average_1min'][1]} after, "
+            f"on {m['cores_available']} cores:",
             "",
             "| launched | median s | min s | max s |",
             "|---|---|---|---|",
@@ -239,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             "serve / export own layers": round(images["serve"]["own_layers_mb"] / images["export"]["own_layers_mb"], 3),
         }
         if args.launches:
+            # Other work on the machine moves a cold start by seconds: the load average says how busy it was.
+            before = os.getloadavg()[0]
             result["cold_start"] = cold_starts(args.launches, payloads.image_bytes()[0], work)
+            result["cold_start"]["load_average_1min"] = [round(before, 1), round(os.getloadavg()[0], 1)]
     save(args.out, args.name, result, markdown(result))
     return 0
 
