@@ -161,6 +161,11 @@ class Classifier:
         best = best[np.argsort(-probabilities[best], kind="stable")]
         return [Scored(self.labels[i], float(probabilities[i])) for i in best]
 
+    def close(self) -> None:
+        """Free the sessions now (a model swapped out, once no request needs it), whoever still holds this object."""
+        self.wide = None
+        del self.session
+
     def warm_up(self) -> None:
         """One run on a blank image: the first run allocates and plans, so pay for it before the first client."""
         try:

@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from service.inference import DataPlane
+from service.inference import DataPlane, release_freed_memory
 from service.manifest import Manifest, ManifestError
 from service.metrics import Metrics
 from service.model import ArtifactError, Classifier
@@ -70,10 +70,14 @@ class Repository:
         if threads > 1 and model.wide is None:
             try:
                 await asyncio.to_thread(model.add_wide_session, threads)
+                # A swap freed the old model's sessions just before this one was built.
+                await asyncio.to_thread(release_freed_memory)
             except Exception:  # the narrow session serves on; a wide one is only faster for a lone request
                 log.exception("could not build the %d-thread session; every run stays on one core", threads)
-        if model is self._plane.model:  # a model swapped out meanwhile no longer speaks for the gauge
-            self._metrics.session_threads.labels("wide").set(model.wide_threads)
+        if model is not self._plane.model:  # swapped out while its wide session was being built
+            model.wide = None
+            return
+        self._metrics.session_threads.labels("wide").set(model.wide_threads)
 
     async def load(self, name: str | None = None) -> Loaded:
         """Load MODEL_DIR's artifact and serve it. `name`: the model the caller expects to find there."""

@@ -246,11 +246,14 @@ def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[s
                 await until(lambda: app.state.admission.pending == 2, "a request admitted on A")
                 await until(lambda: sample(app, "inference_queue_depth") == 1, "A's job queued")
                 assert (await client.post(LOAD)).status_code == 200
+                assert hasattr(gated, "session")  # A still has requests to answer
                 after = asyncio.ensure_future(client.post("/infer", files={"image": RED}))
                 await until(lambda: sample(app, "inference_queue_depth") == 2, "B's job queued behind A's")
             # The one worker takes both queued jobs as one batch: each runs on its own model.
             assert [(await task).json()["class"] for task in (running, queued, after)] == ["red", "red", "RED"]
             # The running one and the queued one ran on A's engine; B's job never touched it.
             assert (gated.runs, gated.images) == (2, 2)
+            # Its last request answered, A's sessions are freed, though this test still holds the object.
+            assert not hasattr(gated, "session") and gated.wide is None
 
     asyncio.run(scenario())
