@@ -7,10 +7,10 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
-from service.imaging import preprocess, resize_bilinear_tf, scale_values
+from service.imaging import open_image, preprocess, resize_bilinear_tf, scale_values, warm_up
 from service.manifest import Preprocessing
 from tests.helpers import image_bytes
 
@@ -160,3 +160,127 @@ def test_errors() -> None:
     jpeg = image_bytes((1, 2, 3), size=(300, 200), fmt="JPEG")
     with pytest.raises(InvalidImage):
         preprocess(jpeg[: len(jpeg) // 2], SPEC, LIMIT)
+
+
+def test_float_greyscale_is_scaled_from_zero_to_one() -> None:
+    # Mode F: 0..1 floats (the usual range) are stretched to 0..255; Pillow's own convert would clip them to 0/1.
+    image = Image.fromarray(np.full((20, 20), 0.5, dtype=np.float32))
+    assert image.mode == "F"
+    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [128, 128, 128], atol=0.5)
+    # Floats already on 0..255 stay as they are.
+    image = Image.fromarray(np.full((20, 20), 200.0, dtype=np.float32))
+    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [200, 200, 200], atol=0.5)
+    # Exactly 1.0 is the top of the 0..1 range.
+    image = Image.fromarray(np.full((20, 20), 1.0, dtype=np.float32))
+    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [255, 255, 255])
+
+
+def test_32_bit_integer_greyscale() -> None:
+    # Mode I: values past 255 are taken as 16-bit and scaled down; small ones stay.
+    image = Image.fromarray(np.full((20, 20), 51400, dtype=np.int32))
+    assert image.mode == "I"
+    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [200, 200, 200], atol=0.5)
+    image = Image.fromarray(np.full((20, 20), 255, dtype=np.int32))
+    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [255, 255, 255])
+    image = Image.fromarray(np.full((20, 20), 90, dtype=np.int32))
+    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [90, 90, 90])
+
+
+def _expected_with_draft(data: bytes, spec: Preprocessing, draft_size: tuple[int, int] | None) -> np.ndarray:
+    """The reference pipeline, step by step: draft at `draft_size`, decode, orient, TF-exact resize."""
+    image = Image.open(BytesIO(data))
+    if draft_size is not None:
+        image.draft("RGB", draft_size)
+    image = ImageOps.exif_transpose(image)
+    return resize_bilinear_tf(np.asarray(image.convert("RGB")), spec.height, spec.width)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 5, 6, 7, 8])
+def test_jpeg_draft_keeps_the_displayed_image_at_least_model_sized(orientation: int) -> None:
+    # Stored 400 wide x 1200 tall. Orientations 5-8 turn it to 1200 x 400 on display: the draft must be asked
+    # for the model's size in *stored* terms (width and height swapped), or it picks the wrong DCT scale.
+    rng = np.random.default_rng(orientation)
+    stored = Image.fromarray(rng.integers(0, 256, (1200, 400, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _save(stored, "JPEG", exif=exif, quality=90)
+    spec = Preprocessing(height=100, width=300)
+    rotated = orientation in (5, 6, 7, 8)
+    out = preprocess(data, spec, LIMIT)
+    np.testing.assert_array_equal(out, _expected_with_draft(data, spec, (100, 300) if rotated else (300, 100)))
+    # Rotated, the stored image is 4x the model's size in stored terms: a 1/4 decode. Upright, its 400-pixel
+    # width allows no reduction for a 300-wide model: a full decode.
+    assert np.array_equal(out, _expected_with_draft(data, spec, None)) is not rotated
+
+
+def test_open_image_reads_only_the_header() -> None:
+    data = image_bytes((1, 2, 3), size=(300, 200), fmt="PNG")
+    image = open_image(data, 60_000)
+    assert image.size == (300, 200) and image.format == "PNG"
+    with pytest.raises(ImageTooLarge, match=r"300x200 = 60,000 pixels; the limit is 59,999 \(MAX_IMAGE_PIXELS\)"):
+        open_image(data, 59_999)
+    with pytest.raises(EmptyImage, match="0 bytes"):
+        open_image(b"", 100)
+    with pytest.raises(InvalidImage, match="not an image in a supported format"):
+        open_image(b"%!PS-Adobe-3.0 EPSF-3.0\n", 100)
+
+
+def test_an_image_with_no_pixels_is_refused() -> None:
+    gif = bytearray(image_bytes((1, 2, 3), size=(1, 1), fmt="GIF"))
+    gif[6:10] = b"\x00\x00\x00\x00"
+    frame = gif.index(b",")
+    gif[frame + 5 : frame + 9] = b"\x00\x00\x00\x00"
+    with pytest.raises(InvalidImage):
+        preprocess(bytes(gif), SPEC, LIMIT)
+
+
+@pytest.mark.parametrize("name", ["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"])
+def test_pillow_filters_are_the_ones_named(name: str) -> None:
+    src = Image.fromarray(np.random.default_rng(4).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    spec = Preprocessing(height=30, width=40, resize=name)
+    filters = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+        "lanczos": Image.Resampling.LANCZOS,
+        "box": Image.Resampling.BOX,
+        "hamming": Image.Resampling.HAMMING,
+    }
+    expected = np.asarray(src.resize((40, 30), resample=filters[name]), dtype=np.float32)
+    out = preprocess(_save(src, "PNG"), spec, LIMIT)
+    assert out.dtype == np.float32 and out.shape == (30, 40, 3)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_raw_range_is_passed_through_untouched() -> None:
+    px = np.array([[[0, 255, 51]]], dtype=np.float32)
+    assert scale_values(px, (0.0, 255.0)) is px
+    scaled = scale_values(px, (10.0, 20.0))
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled, [[[10.0, 20.0, 12.0]]], atol=1e-5)
+
+
+def test_background_shows_through_transparency() -> None:
+    spec = replace(SPEC, background=(0, 128, 255))
+    out = preprocess(image_bytes((9, 9, 9, 0), size=(20, 20), mode="RGBA"), spec, LIMIT)
+    np.testing.assert_allclose(out[3, 3], (0, 128, 255))
+    half = preprocess(image_bytes((200, 0, 0, 128), size=(20, 20), mode="RGBA"), spec, LIMIT)
+    np.testing.assert_allclose(half[3, 3], (100, 64, 127), atol=1)
+
+
+def test_jpeg_draft_is_skipped_when_the_manifest_says_so() -> None:
+    big = Image.fromarray(np.random.default_rng(5).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
+    data = _save(big, "JPEG", quality=90)
+    spec = Preprocessing(height=300, width=300, jpeg_draft=False)
+    np.testing.assert_array_equal(preprocess(data, spec, LIMIT), _expected_with_draft(data, spec, None))
+
+
+def test_warm_up_decodes_without_error() -> None:
+    warm_up()
+
+
+def test_resize_plans_are_shared_and_read_only() -> None:
+    src = np.zeros((17, 23, 3), dtype=np.uint8)
+    resize_bilinear_tf(src, 5, 7)
+    with pytest.raises(ValueError):
+        resize_bilinear_tf.__globals__["_resize_plan"](17, 23, 3, 5, 7).rows_low[0] = 1

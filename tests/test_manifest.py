@@ -113,6 +113,21 @@ def test_preprocessing_values_are_read(document: dict[str, Any]) -> None:
         (lambda m: m["labels"].pop("sha256"), "labels: missing key 'sha256'"),
         (lambda m: m.pop("created_at"), "manifest: missing key 'created_at'"),
         (lambda m: m.pop("description"), "manifest: missing key 'description'"),
+        # A wrong type names the key where it lives, for every key.
+        (lambda m: m["model"].update(file=1), "model.file: expected str, got int"),
+        (lambda m: m["model"].update(quantization=8), "model.quantization: expected str, got int"),
+        (lambda m: m["input"].update(layout=None), "input.layout: expected str, got NoneType"),
+        (lambda m: m["input"].update(dtype=4), "input.dtype: expected str, got int"),
+        (lambda m: m["output"].update(kind=[]), "output.kind: expected str, got list"),
+        (lambda m: m["preprocessing"].update(height="8"), "preprocessing.height: expected int, got str"),
+        (lambda m: m["preprocessing"].update(width=8.0), "preprocessing.width: expected int, got float"),
+        (lambda m: m["preprocessing"].update(width=0), "preprocessing: height and width must be positive"),
+        (lambda m: m["preprocessing"].update(background="white"), "preprocessing.background: expected list, got str"),
+        (lambda m: m["preprocessing"].update(resize=1), "preprocessing.resize: expected str, got int"),
+        (lambda m: m.update(input=[]), "manifest.input: expected dict, got list"),
+        (lambda m: m.update(output="x"), "manifest.output: expected dict, got str"),
+        (lambda m: m.update(preprocessing=None), "manifest.preprocessing: expected dict, got NoneType"),
+        (lambda m: m.update(labels=4), "manifest.labels: expected dict, got int"),
     ],
 )
 def test_each_schema_violation_is_named(
@@ -125,8 +140,22 @@ def test_each_schema_violation_is_named(
 
 @pytest.mark.parametrize("value", [[], "a string", 3, None])
 def test_a_manifest_that_is_not_a_json_object(value: object) -> None:
-    with pytest.raises(ManifestError, match="manifest: expected a JSON object"):
+    with pytest.raises(ManifestError) as caught:
         Manifest.from_dict(value)  # type: ignore[arg-type]
+    assert str(caught.value) == "manifest: expected a JSON object"
+
+
+def test_the_smallest_valid_values_are_accepted(document: dict[str, Any]) -> None:
+    def edit(m: dict[str, Any]) -> None:
+        m["input"].update(shape=[1, 1, 1, 3])
+        m["preprocessing"].update(height=1, width=1, background=[0, 0, 0])
+
+    manifest = Manifest.from_dict(_edited(document, edit))
+    assert manifest.input.shape == (1, 1, 1, 3)
+    assert (manifest.preprocessing.height, manifest.preprocessing.width) == (1, 1)
+    assert manifest.preprocessing.background == (0, 0, 0)
+    top = Manifest.from_dict(_edited(document, lambda m: m["preprocessing"].update(background=[255, 255, 255])))
+    assert top.preprocessing.background == (255, 255, 255)
 
 
 def test_reading_from_disk(tiny_artifact: Path, tmp_path: Path) -> None:
