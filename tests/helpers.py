@@ -327,9 +327,17 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 60) -
 
 
 async def asgi_post(
-    app: Starlette, body: bytes, content_type: str, leave: asyncio.Event | None = None, path: str = "/infer"
+    app: Starlette,
+    body: bytes,
+    content_type: str,
+    leave: asyncio.Event | None = None,
+    path: str = "/infer",
+    content_length: int | None = None,
 ) -> tuple[int, bytes]:
-    """POST over raw ASGI; when `leave` is set the client disconnects (what uvicorn tells an app then)."""
+    """POST over raw ASGI; when `leave` is set the client disconnects (what uvicorn tells an app then).
+
+    `content_length` declares a length other than the body's own (a client that lies, or has more to send).
+    """
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -340,7 +348,10 @@ async def asgi_post(
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+        "headers": [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body) if content_length is None else content_length).encode()),
+        ],
         "client": ("127.0.0.1", 1),
         "server": ("service", 80),
     }
