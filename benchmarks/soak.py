@@ -373,6 +373,7 @@ def analyse(
                 "minute": m + 1,
                 "valid_answered": len(valid),
                 "valid_per_s": round(len(valid) / 60, 2),
+                "sent_per_s": round(sum(1 for r in counted if m * 60 <= r[0] < (m + 1) * 60) / 60, 2),
                 "p50_ms": _percentile(valid, 50),
                 "p99_ms": _percentile(valid, 99),
                 "statuses": dict(sorted(statuses.items())),
@@ -459,19 +460,21 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"| worst minute's p99 / first minute's p99 (valid requests) <= {P99_RATIO_MAX} | "
         f"{c['p99_within_first_minute']['worst']} | {verdict(c['p99_within_first_minute'])} |",
         "",
-        "Per minute (latency of the valid requests answered 200; CPU in cores, from /proc: the service, the load "
+        f"Per minute (target: {load['total_per_s']} answered/s in all, {load['valid_per_s']} valid; latency of the "
+        "valid requests answered 200; CPU in cores, from /proc: the service, the load "
         "generator, and everything else on the machine, i.e. other people's jobs):",
         "",
-        "| minute | valid answered/s | p50 ms | p99 ms | p99 / minute 1 | RSS MB | statuses | service | Locust "
-        "| others |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| minute | answered/s (all) | valid answered/s | p50 ms | p99 ms | p99 / minute 1 | RSS MB | statuses "
+        "| service | Locust | others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     ratios = c["p99_within_first_minute"]["ratio_by_minute"]
     for row, ratio in zip(a["per_minute"], ratios, strict=True):
         cores = row["cpu_cores"]
         statuses = ", ".join(f"{k}: {v}" for k, v in row["statuses"].items())
         lines.append(
-            f"| {row['minute']} | {row['valid_per_s']} | {row['p50_ms']} | {row['p99_ms']} | {ratio} | "
+            f"| {row['minute']} | {row.get('sent_per_s')} | {row['valid_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
+            f"{ratio} | "
             f"{row['rss_mb_median']} | {statuses} | {cores.get('service')} | {cores.get('load generator')} | "
             f"{cores.get('others')} |"
         )
@@ -550,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         sat = saturation(args, work)
         valid_rate = args.rate_fraction * sat["answered_per_s"]
         total_rate = valid_rate * (VALID_PER_BAD + 1) / VALID_PER_BAD
-        # Each user at most 2 requests/s, so a user is idle most of the time even when p99 is a few hundred ms.
-        users = max(2, math.ceil(total_rate / 2))
+        # A user is closed-loop: it sends again only once answered. Enough users that each waits between requests
+        # even when a request takes twice the saturation run's p99, so the rate holds when the machine is slow.
+        p99_s = sat.get("locust", {}).get("p99_ms", 1000) / 1000
+        users = min(200, max(4, math.ceil(total_rate * max(0.5, 2 * p99_s))))
         load = {
             "minutes": args.minutes,
             "warmup_s": args.warmup_s,
