@@ -109,12 +109,12 @@ class DataPlane:
                     _free(retired)
 
     def check_count(self, count: int) -> None:
-        if count > self.max_images:
-            if count <= self.settings.max_images_per_request:  # the queue is the smaller bound
-                raise PayloadTooLarge(
-                    f"{count} images in one request; the inference queue takes {self.max_images} (MAX_QUEUE)"
-                )
-            raise too_many_images(count, self.max_images)
+        if count > self.settings.max_images_per_request:
+            raise too_many_images(count, self.settings.max_images_per_request)
+        if count > self.max_images:  # the queue is the smaller bound
+            raise PayloadTooLarge(
+                f"{count} images in one request; the inference queue takes {self.max_images} (MAX_QUEUE)"
+            )
 
     async def classify(self, images: Sequence[bytes | ServiceError], deadline: float, gone: Gone | None) -> Answer:
         """Encoded images -> probabilities, each image decoded as the model it is served by expects."""
