@@ -82,15 +82,14 @@ def _hidden_ancestor(path: Path) -> Path | None:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, float]]:
-    return {
-        str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime)
-        for p in [root, *root.rglob("*")]
-    }
+    """Every file and directory under `root` but python/, where the test's own script makes its mount points."""
+    paths = [root, *(p for p in root.rglob("*") if p.relative_to(root).parts[0] != "python")]
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime) for p in paths}
 
 
 @dataclass
 class Sandbox:
-    root: Path  # root-owned, read-only: app/ (service/, artifacts/) and python/ (a mount point)
+    root: Path  # root-owned, read-only: app/ (service/, artifacts/) and python/ (for the script's mount points)
 
     @property
     def app(self) -> Path:
@@ -117,20 +116,23 @@ def sandbox() -> Iterator[Sandbox]:
 
 def _script(sandbox: Sandbox, trace_fd: int | None) -> str:
     """The shell that sets up the mount namespace, then becomes the service (through strace, into `trace_fd`)."""
-    base = Path(sys.base_prefix).resolve()
-    hidden = _hidden_ancestor(base)
     lines = ["set -eu"]
-    if hidden is not None:
-        # The venv's interpreter lives where uid 65534 cannot enter: show only that installation, read-only.
-        stage = sandbox.root / "python"
+    # The interpreter and the venv may live where uid 65534 cannot enter (a pyenv Python under /root): over such
+    # a directory goes an empty read-only tmpfs that shows only those installations, read-only.
+    needed = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()})
+    hidden: dict[Path, list[Path]] = {}
+    for path in needed:
+        if (ancestor := _hidden_ancestor(path)) is not None:
+            hidden.setdefault(ancestor, []).append(path)
+    for n, (ancestor, paths) in enumerate(sorted(hidden.items())):
+        stages = [sandbox.root / "python" / f"{n}-{i}" for i in range(len(paths))]
         lines += [
-            f"mount --bind '{base}' '{stage}'",
-            f"mount -t tmpfs -o mode=755,size=1m tmpfs '{hidden}'",
-            f"mkdir -p '{base}'",
-            f"mount --bind '{stage}' '{base}'",
-            f"mount -o remount,bind,ro '{base}'",
-            f"mount -o remount,ro '{hidden}'",
+            f"mkdir -p '{stage}' && mount --bind '{path}' '{stage}'" for path, stage in zip(paths, stages, strict=True)
         ]
+        lines.append(f"mount -t tmpfs -o mode=755,size=1m tmpfs '{ancestor}'")
+        for path, stage in zip(paths, stages, strict=True):
+            lines += [f"mkdir -p '{path}'", f"mount --bind '{stage}' '{path}'", f"mount -o remount,bind,ro '{path}'"]
+        lines.append(f"mount -o remount,ro '{ancestor}'")
     lines += ["mount -o remount,bind,ro /", "mount -o remount,bind,ro /dev/shm", f"cd '{sandbox.app}'"]
     become = f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --inh-caps=-all --bounding-set=-all"
     trace = f"strace -f -qq -o /dev/fd/{trace_fd} -e trace={TRACED} " if trace_fd is not None else ""
