@@ -119,7 +119,9 @@ def measure(artifact: Path, rounds: int, seconds: float) -> dict[str, Any]:
             rss = _rss_mib() - before
             lone = _lone(lone_session, manifest.input.name, x, seconds)
             busy = _busy(side_session, manifest.input.name, x, cores, seconds)
-            rows[design].append({"lone_ms": round(lone, 2), "busy_img_s": round(busy, 2), "sessions_mib": round(rss, 1)})
+            rows[design].append(
+                {"lone_ms": round(lone, 2), "busy_img_s": round(busy, 2), "sessions_mib": round(rss, 1)}
+            )
             del lone_session, side_session
             print(f"round {round_ + 1} {design:>16}: lone {lone:6.2f} ms, busy {busy:6.2f} img/s, +{rss:.0f} MiB")
     summary = {

@@ -38,9 +38,10 @@ class _Body:
         self.received = 0
 
     def _time_left(self) -> float:
-        # REQUEST_READ_TIMEOUT_S of grace, then one more second per MIN_UPLOAD_BYTES_PER_S received.
+        # REQUEST_READ_TIMEOUT_S of grace, then one more second per MIN_UPLOAD_BYTES_PER_S received; and never
+        # more than REQUEST_READ_TIMEOUT_S of silence (a fast start must not buy a long stall later).
         deadline = self._started + self._grace_s + self.received / self._min_rate
-        return deadline - self._loop.time()
+        return min(deadline - self._loop.time(), self._grace_s)
 
     async def receive(self) -> Message:
         if self.complete:  # after the body only http.disconnect can come: no deadline for waiting on it

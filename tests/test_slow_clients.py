@@ -107,6 +107,19 @@ def test_a_stalled_multipart_and_json_upload_time_out_too(guarded_server: Server
         assert answer.startswith(b"HTTP/1.1 408"), (content_type, answer[:200])
 
 
+def test_a_fast_start_buys_no_long_stall(guarded_server: Server) -> None:
+    # 4 MiB sent at once would buy 4 MiB / 16 KiB/s = 256 s at the minimum rate; silence still ends after the
+    # 5 s of grace. (Before: the socket's 30 s timeout fired first.)
+    with socket.create_connection(_address(guarded_server), timeout=30) as sock:
+        head = f"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: {8 * MIB}\r\n\r\n"
+        sock.sendall(head.encode() + b"\x00" * (4 * MIB))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith((b"HTTP/1.1 408", b"HTTP/1.1 413")), answer[:200]
+    assert b"connection: close" in answer.lower()
+
+
 def test_beyond_max_connections_answers_503_and_recovers(tiny_artifact: Path, tmp_path: Path) -> None:
     env = {"MAX_CONNECTIONS": "4", "REQUEST_READ_TIMEOUT_S": "60"}
     with running_service(tiny_artifact, tmp_path / "server.log", **env) as server:
