@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
-from service.imaging import open_image, preprocess, resize_bilinear_tf, scale_values, warm_up
+from service.imaging import _resize_plan, open_image, preprocess, resize_bilinear_tf, scale_values, warm_up
 from service.manifest import Preprocessing
 from tests.helpers import image_bytes
 
@@ -283,4 +283,4 @@ def test_resize_plans_are_shared_and_read_only() -> None:
     src = np.zeros((17, 23, 3), dtype=np.uint8)
     resize_bilinear_tf(src, 5, 7)
     with pytest.raises(ValueError):
-        resize_bilinear_tf.__globals__["_resize_plan"](17, 23, 3, 5, 7).rows_low[0] = 1
+        _resize_plan(17, 23, 3, 5, 7).rows_low[0] = 1
