@@ -7,7 +7,8 @@
 Each variant (an artifact folder written by `--keep-variants`) runs as the service runs it: one session,
 one intra-op thread, batch 1, the service's session options (so QDQ pairs are fused into QLinear kernels
 exactly as in production). The profiler (`SessionOptions.enable_profiling`) records every kernel of every
-run; warm-up runs are dropped by their timestamps, and each node's figure is its median over the runs.
+run; the variants are run in turns, warm-up runs are dropped by their timestamps, and each node's figure is
+its median over the runs.
 Latency is measured again without the profiler, whose per-node bookkeeping costs a little, as wall time and
 as the calling thread's CPU time. Writes results/<name>.{json,md} (default name: op_profile).
 """
@@ -119,19 +120,46 @@ def _shapes(args: dict[str, Any]) -> list[Any]:
     return [next(iter(s.values())) for s in args.get("output_type_shape", []) if isinstance(s, dict) and s]
 
 
-def profile(model: Path, feed: dict[str, np.ndarray], runs: int) -> dict[str, Any]:
+def profile_in_turns(
+    models: dict[str, tuple[Path, dict[str, np.ndarray]]], runs: int, rounds: int = 5
+) -> dict[str, Any]:
+    """Profile every model in turns (`runs` / `rounds` runs each per round), so that load from elsewhere on the
+    machine falls on all of them alike; likewise the unprofiled wall and CPU medians."""
+    per_round = max(1, runs // rounds)
     with tempfile.TemporaryDirectory(prefix="op-profile-") as work:
-        options = session_options(1)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(work) / "profile")
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        for _ in range(WARMUP + runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    kernels, kept = kernel_events(events, WARMUP)
-    if kept != runs:
-        raise RuntimeError(f"the profile holds {kept} measured runs, expected {runs}")
-    return summarize(kernels, runs)
+        plain, profiled = {}, {}
+        for name, (model, _) in models.items():
+            plain[name] = ort.InferenceSession(str(model), session_options(1), providers=["CPUExecutionProvider"])
+            options = session_options(1)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(work) / name)
+            profiled[name] = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        for name, (_, feed) in models.items():
+            for _ in range(WARMUP):
+                plain[name].run(None, feed)
+                profiled[name].run(None, feed)
+        wall: dict[str, list[float]] = defaultdict(list)
+        cpu: dict[str, list[float]] = defaultdict(list)
+        for _ in range(rounds):
+            for name, (_, feed) in models.items():
+                for _ in range(per_round):
+                    started, started_cpu = time.perf_counter(), time.thread_time()
+                    plain[name].run(None, feed)
+                    wall[name].append((time.perf_counter() - started) * 1000)
+                    cpu[name].append((time.thread_time() - started_cpu) * 1000)
+                for _ in range(per_round):
+                    profiled[name].run(None, feed)
+        results = {}
+        for name, session in profiled.items():
+            events = json.loads(Path(session.end_profiling()).read_text())
+            kernels, kept = kernel_events(events, WARMUP)
+            if kept != per_round * rounds:
+                raise RuntimeError(f"{name}: the profile holds {kept} measured runs, expected {per_round * rounds}")
+            results[name] = {
+                "latency_ms": round(statistics.median(wall[name]), 2),
+                "cpu_ms": round(statistics.median(cpu[name]), 2),
+            } | summarize(kernels, kept)
+    return results
 
 
 FLOAT_CONVS = ("Conv", "FusedConv")
@@ -177,7 +205,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     lines = [
         f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']} (VNNI: {m['vnni']}), "
         f"onnxruntime {result['onnxruntime']}. Batch 1, one intra-op thread, the service's session options, "
-        f"{result['runs']} profiled runs after {WARMUP} warm-up runs.",
+        f"{result['runs']} profiled runs after {WARMUP} warm-up runs, the variants in turns (5 rounds).",
         "",
         "Latency and CPU: medians without the profiler (CPU: the calling thread's CPU time, which is the run's "
         "whole cost with one intra-op thread). Kernel times: per node, the median over the profiled runs.",
@@ -190,6 +218,19 @@ def markdown(result: dict[str, Any]) -> list[str]:
             f"| {v['name']} | {v['quantization']} | {v['latency_ms']} | {v['cpu_ms']} | {v['kernel_ms_per_run']} "
             f"| {v['nodes']} |"
         )
+    for name, rows in result.get("conv_classes", {}).items():
+        lines += [
+            "",
+            f"### Convolutions, fp32 against {name}, by output size (C rounded up to 8; int8: QLinearConv only)",
+            "",
+            "| output H x W x C | fp32 nodes | fp32 ms/run | int8 nodes | int8 ms/run | int8 / fp32 |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {' x '.join(map(str, r['output_hwc']))} | {r['fp32_nodes']} | {r['fp32_ms']} | {r['int8_nodes']} | "
+            f"{r['int8_ms']} | {r['int8_over_fp32']} |"
+            for r in rows
+        ]
     for v in result["variants"]:
         lines += [
             "",
@@ -334,20 +375,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     result["variants"] = []
     all_nodes: dict[str, list[dict[str, Any]]] = {}
+    models, quantization = {}, {}
     for name in args.variants:
         folder = args.variants_dir / name
         manifest = Manifest.read(folder)
-        model = folder / manifest.model.file
-        feed = {manifest.input.name: _input(manifest)}
-        wall, cpu = _latency_ms(model, feed, args.runs)
-        summary = profile(model, feed, args.runs)
+        models[name] = (folder / manifest.model.file, {manifest.input.name: _input(manifest)})
+        quantization[name] = manifest.model.quantization
+    for name, summary in profile_in_turns(models, args.runs).items():
         nodes = summary.pop("all_nodes")
-        variant = {"name": name, "quantization": manifest.model.quantization, "latency_ms": round(wall, 2)}
-        variant |= {"cpu_ms": round(cpu, 2)} | summary | {"top": nodes[:TOP_NODES]}
-        result["variants"].append(variant)
+        result["variants"].append(
+            {"name": name, "quantization": quantization[name]} | summary | {"top": nodes[:TOP_NODES]}
+        )
         all_nodes[name] = nodes
         print(
-            f"{name}: {wall:.1f} ms median ({cpu:.1f} ms CPU), {summary['kernel_ms_per_run']} ms of kernels", flush=True
+            f"{name}: {summary['latency_ms']} ms, {summary['cpu_ms']} ms CPU, {summary['kernel_ms_per_run']} ms kernels"
         )
     if "fp32" in all_nodes:
         result["conv_classes"] = {

@@ -25,18 +25,17 @@ from export.convert import INPUT_NAME
 log = logging.getLogger("export")
 
 # The candidates by default; the fastest that passes the gate ships.
-VARIANTS = ("fp32", "dynamic", "static", "static_u8", "mixed")
+VARIANTS = ("fp32", "dynamic", "static", "static_u8", "mixed", "mixed_stem_swish")
 # Alternatives measured against them (docs/export.md): built only when named with --variants.
 EXPERIMENTS = (
     "tiled",
-    "mixed_stem_swish",
     "mixed_uint8_input",
     "static_qop",
     "static_dedicated",
     "static_no_input_check",
     "float_swish",
 )
-# What the manifest calls each one: `mixed` and the experiments are static INT8 with s8 weights too, with
+# What the manifest calls each one: the mixed variants and the experiments are static INT8 with s8 weights too, with
 # other nodes left in float or other Q/DQ placement; the export report says which variant it was.
 QUANTIZATION_NAMES = {
     "fp32": "fp32",
@@ -44,6 +43,7 @@ QUANTIZATION_NAMES = {
     "static": "static_int8",
     "static_u8": "static_int8_u8",
     "mixed": "static_int8",
+    "mixed_stem_swish": "static_int8",
 } | dict.fromkeys(EXPERIMENTS, "static_int8")
 
 

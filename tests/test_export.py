@@ -21,6 +21,7 @@ from export.images import synthetic_jpegs
 from export.parity import Thresholds, preprocessing_vs_tensorflow
 from export.pipeline import MIN_CALIBRATION_IMAGES, ExportConfig, ExportFailed, image_set_report, run_export
 from export.quantize import (
+    VARIANTS,
     _input_rescaling_nodes,
     image_convs,
     stem_swish_nodes,
@@ -93,7 +94,7 @@ def test_tiny_keras_model_end_to_end(tiny_keras_file: Path, five_labels: Path, t
 
     report = manifest.export
     variants = {v["name"]: v for v in report["variants"]}
-    assert set(variants) == {"fp32", "dynamic", "static", "static_u8"}
+    assert set(variants) == set(VARIANTS)
     assert variants["fp32"]["passed"] and variants["fp32"]["parity"]["max_abs_diff"] < 1e-4
     passing = [v for v in report["variants"] if v["passed"]]
     assert report["selected"] == min(passing, key=lambda v: v["latency_ms"])["name"]
