@@ -80,6 +80,8 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit and float greyscale: Pillow's convert("RGB") clips these instead of scaling them.
         values = np.asarray(image, dtype=np.float32)
+        # NaN and infinities (float TIFFs) have no pixel value: casting them to uint8 is undefined.
+        values = np.where(np.isfinite(values), values, 0.0)
         peak = float(values.max()) if values.size else 0.0
         if image.mode == "F" and peak <= 1.0:
             values = values * 255.0

@@ -110,6 +110,9 @@ async def _from_multipart(request: Request, body_limit: int, upload_limit: int, 
         max_fields=max_images + 16,
         max_part_size=body_limit,
     )
+    # Parts stay in memory (the body limit bounds them, and they are read into memory right after): Starlette
+    # spools a part over 1 MiB to a temporary file, which fails on a read-only filesystem with no /tmp.
+    parser.spool_max_size = body_limit
     try:
         form = await parser.parse()
     except MultiPartException as exc:
@@ -133,6 +136,10 @@ async def _from_multipart(request: Request, body_limit: int, upload_limit: int, 
         raise MissingImage(f"the multipart body has no `image` (or `file`) part; parts received: {fields}")
     finally:
         await form.close()
+        # A body cut inside a file part leaves that part out of the form, its file still open: Starlette closes
+        # the files it opened only when parsing raises, and a truncated body does not.
+        for file in parser._files_to_close_on_error:
+            file.close()
 
 
 async def _from_json(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:

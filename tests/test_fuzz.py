@@ -318,26 +318,12 @@ def test_the_seeds_are_images_the_service_accepts() -> None:
         assert isinstance(fuzz_preprocess(seed, 1 << 20), np.ndarray)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/payload.py _from_multipart: a multipart body that ends inside a file part (no closing "
-    "boundary) leaves that part's SpooledTemporaryFile unclosed. Starlette 1.10's MultiPartParser.parse closes "
-    "_files_to_close_on_error only when an exception is raised, python-multipart's finalize() raises nothing for a "
-    "truncated body, and the unfinished part is not in the FormData that form.close() closes; the file is closed "
-    "by the garbage collector, with a ResourceWarning",
-)
 def test_a_multipart_body_cut_inside_a_file_part_closes_its_temporary_file() -> None:
     with no_leaks(ignore=None):
         outcome = fuzz_payload("multipart/form-data; boundary=b", UNTERMINATED_FILE_PART, [], None)
     assert isinstance(outcome, ServiceError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/imaging.py _to_rgb: a float ('F') image with NaN pixels reaches np.rint(...).astype(np.uint8), "
-    "an undefined cast that warns 'invalid value encountered in cast' (RuntimeWarning) and gives arbitrary pixels; "
-    "under pytest's warnings-as-errors the same bytes become InvalidImage, so tests and production disagree",
-)
 def test_non_finite_float_pixels_decode_without_a_numpy_warning() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

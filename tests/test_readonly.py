@@ -257,11 +257,6 @@ def test_does_not_even_try_to_write(sandbox: Sandbox, tmp_path: Path) -> None:
     assert _write_attempts(running.trace) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/payload.py: Starlette's MultiPartParser spools a file part over 1 MiB "
-    "(MultiPartParser.spool_max_size) to a temporary file in TMPDIR; with a read-only filesystem that write fails",
-)
 def test_a_multipart_photo_over_1_mib_is_answered(sandbox: Sandbox, tmp_path: Path) -> None:
     photo = _jpeg((1280, 960), quality=95)
     assert len(photo) > 1024 * 1024
