@@ -282,3 +282,93 @@ def test_a_streamed_body_is_refused_once_it_passes_the_limit(classifier: Classif
     assert json.loads(answer["body"])["error"]["message"] == TOO_LARGE  # type: ignore[arg-type]
     # The app stopped at the first chunk past 3,000 bytes (the 7th); the guard may take one more to look.
     assert 7 <= taken <= 8, taken
+
+
+# --- several images in one request ---
+
+
+@pytest.fixture
+def app3(classifier: Classifier) -> Starlette:
+    return make_app(classifier, MAX_UPLOAD_BYTES=str(LIMIT), MAX_IMAGES_PER_REQUEST="3")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_json_images_list_is_answered_in_order_with_errors_in_place(app3: Starlette) -> None:
+    body = _send(app3, json={"images": [_b64(RED), 7, _b64(BLUE)]}).json()
+    assert set(body) == {"results"}
+    first, bad, last = body["results"]
+    assert first["class"] == "red" and last["class"] == "blue"
+    assert bad == {"error": {"code": "invalid_base64", "message": "images[1] is not a base64 string"}}
+    one = _send(app3, json={"images": [_b64(BLUE)]}).json()  # a list of one is still answered as a list
+    assert [r["class"] for r in one["results"]] == ["blue"]
+    errors = _send(app3, json={"images": ["QUJ", "", _b64(b"\0" * (LIMIT + 1))]}).json()["results"]
+    assert [e["error"]["code"] for e in errors] == ["invalid_base64", "empty_image", "payload_too_large"]
+
+
+def test_image_takes_precedence_over_images(app3: Starlette) -> None:
+    body = _send(app3, json={"image": _b64(RED), "images": [_b64(BLUE), _b64(BLUE)]}).json()
+    assert body["class"] == "red" and "results" not in body
+
+
+@pytest.mark.parametrize("listed", [[], "QUJD", {"a": 1}, None])
+def test_images_must_be_a_non_empty_list(app3: Starlette, listed: object) -> None:
+    message = _error(_send(app3, json={"images": listed}), 422, "missing_image")
+    assert message == '"images" must be a non-empty list of base64 strings'
+
+
+def test_more_images_than_allowed(app3: Starlette) -> None:
+    assert len(_send(app3, json={"images": [_b64(RED)] * 3}).json()["results"]) == 3
+    message = _error(_send(app3, json={"images": [_b64(RED)] * 4}), 413, "payload_too_large")
+    assert message == "4 images in one request; the limit is 3 (MAX_IMAGES_PER_REQUEST)"
+    # Four `image` parts as base64 text fields: within the parser's part limits, over the image limit.
+    body, content_type = _multipart(*[("image", base64.b64encode(RED), None)] * 4)
+    message = _error(_send(app3, content=body, headers={"content-type": content_type}), 413, "payload_too_large")
+    assert message == "4 images in one request; the limit is 3 (MAX_IMAGES_PER_REQUEST)"
+    body, content_type = _multipart(*[("image", base64.b64encode(RED), None)] * 3)
+    assert len(_send(app3, content=body, headers={"content-type": content_type}).json()["results"]) == 3
+
+
+def test_several_multipart_parts(app3: Starlette) -> None:
+    parts = [("file", ("a.png", BLUE, "image/png")), ("file", ("b.png", RED, "image/png"))]
+    assert [r["class"] for r in _send(app3, files=parts).json()["results"]] == ["blue", "red"]
+    body, content_type = _multipart(("image", RED, "a.png"), ("image", b"QUJD", None), ("image", b"", "c.png"))
+    results = _send(app3, content=body, headers={"content-type": content_type}).json()["results"]
+    assert results[0]["class"] == "red"
+    assert results[1]["error"]["code"] == "invalid_image" and results[2]["error"]["code"] == "empty_image"
+
+
+def test_too_many_multipart_parts_is_413(app3: Starlette) -> None:
+    files = [(f"extra{i}", (f"{i}.png", RED, "image/png")) for i in range(4)]  # max_files is max(3, 2)
+    message = _error(_send(app3, files=files), 413, "payload_too_large")
+    assert message.startswith("more parts than MAX_IMAGES_PER_REQUEST (3) allows: Too many files"), message
+    fields = {f"note{i}": "x" for i in range(20)}  # max_fields is 3 + 16
+    message = _error(_send(app3, files={"image": RED}, data=fields), 413, "payload_too_large")
+    assert message.startswith("more parts than MAX_IMAGES_PER_REQUEST (3) allows: Too many fields"), message
+    fields = {f"note{i}": "x" for i in range(19)}
+    assert _send(app3, files={"image": RED}, data=fields).json()["class"] == "red"
+
+
+# --- the Open Inference Protocol reads its body through the same limits ---
+
+OIP_INFER = "/v2/models/tiny-colour-classifier/infer"
+
+
+def test_oip_body_limits(app: Starlette) -> None:
+    body_limit = (LIMIT * 4 + 2) // 3 + FRAMING
+
+    async def scenario() -> list[tuple[int, bytes]]:
+        async with serving(app):
+            return [
+                await asgi_post(app, b"{}", "application/json", path=OIP_INFER, content_length=body_limit + 1),
+                await asgi_post(app, b" " * (body_limit + 1), "application/json", path=OIP_INFER),
+                await asgi_post(app, b" " * body_limit + b"{", "application/json", path=OIP_INFER),
+                await asgi_post(app, b"{" + b" " * (body_limit - 1), "application/json", path=OIP_INFER),
+            ]
+
+    declared, streamed, over, at_limit = asyncio.run(scenario())
+    for status, answer in (declared, streamed, over):
+        assert status == 413 and TOO_LARGE.encode() in answer, answer
+    assert at_limit[0] == 400, at_limit  # read whole, then refused as JSON
