@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from service.settings import Settings, SettingsError
-from tests.helpers import Server, image_bytes, running_service
+from tests.helpers import ARTIFACTS, Server, image_bytes, running_service
 
 RED = image_bytes((255, 0, 0))
 KEYS = ("first-key-0123456789", "second-key-abcdefghij")
@@ -138,3 +138,13 @@ def test_key_settings_are_read_and_checked(tmp_path: Path) -> None:
         "https://a.example",
         "https://b.example",
     )
+
+
+def test_the_service_writes_nothing_to_home_or_tmp(tmp_path: Path) -> None:
+    # onnxruntime's telemetry wrote a device id under ~/.cache and /tmp/.ses unless ORT_DISABLE_TELEMETRY=1.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "TMPDIR": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    with running_service(ARTIFACTS, tmp_path / "server.log", **env) as server:
+        assert httpx.post(f"{server.url}/infer", files={"image": RED}).status_code == 200
+    assert sorted(home.rglob("*")) == []
