@@ -18,6 +18,13 @@ SPEC = Preprocessing(height=30, width=40)
 LIMIT = 10_000_000
 
 
+@pytest.fixture(autouse=True)
+def _fresh_resize_plans() -> None:
+    # Plans are cached per size: each test computes its own (under mutmut, a plan cached before the fork
+    # would hide a changed sampling grid).
+    _resize_plan.cache_clear()
+
+
 def _save(image: Image.Image, fmt: str, **kw: object) -> bytes:
     buffer = BytesIO()
     image.save(buffer, format=fmt, **kw)  # type: ignore[arg-type]

@@ -162,7 +162,7 @@ def test_shutdown_answers_every_queued_request_and_refuses_new_ones(gated: Gated
                 await until(lambda: not app.state.ready, "the shutdown to start")
                 assert (await client.get("/ready")).status_code == 503
                 late = await client.post("/infer", files={"image": PNG["red"]})
-                _error(late, 503, "shutting_down")
+                assert _error(late, 503, "shutting_down") == "the server is shutting down"
                 assert late.headers["retry-after"] == "1"
                 assert not closing.done(), "the lifespan ended with requests still queued"
             answers = [await task for task in held]
