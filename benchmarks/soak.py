@@ -490,8 +490,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {kind} | {result['expected'][kind]} | {answers} |")
     if a["unexpected"]:
         lines += ["", "Unexpected answers: " + ", ".join(f"{k} x {v}" for k, v in a["unexpected"].items())]
-    if result.get("notes"):
-        lines += ["", *result["notes"]]
+    for note in result.get("notes", []):
+        lines += ["", note]
     return lines
 
 
@@ -526,7 +526,11 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     bottom.legend(loc="upper left")
     others.legend(loc="upper right")
     bottom.grid(alpha=0.3)
-    fig.suptitle(f"{result['command']}: {result['load']['total_per_s']} req/s, {result['machine']['cpu']}")
+    load = result["load"]
+    fig.suptitle(
+        f"python -m benchmarks.soak: {load['total_per_s']} req/s for {load['minutes']} min ({result['created_at']}), "
+        f"{result['machine']['cpu']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
