@@ -108,6 +108,10 @@ class DataPlane:
                 if retired is not None:
                     _free(retired)
 
+    async def settled(self) -> None:
+        """Once an answer has gone out and the engine is idle (see Scheduler.settled)."""
+        await self._scheduler.settled()
+
     def check_count(self, count: int) -> None:
         if count > self.settings.max_images_per_request:
             raise too_many_images(count, self.settings.max_images_per_request)

@@ -76,9 +76,16 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         self._closing = False
+        # Set once a run has ended with nothing else in the engine or waiting (cleared when one starts).
+        self._settled = asyncio.Event()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
+
+    async def settled(self) -> None:
+        """Return once a run has been answered and the engine is idle: the time for background work that
+        would otherwise compete with answers (building a session holds the GIL for much of its build)."""
+        await self._settled.wait()
 
     @property
     def capacity(self) -> int:
@@ -184,6 +191,7 @@ class Scheduler:
         # Decided and counted with no await in between: two workers can never both see themselves alone.
         wide = self._in_flight == 0 and self._queue.empty() and engine.wide is not None
         self._hooks.on_run(wide)
+        self._settled.clear()
         self._in_flight += len(live)
         self._hooks.on_in_flight(self._in_flight)
         started = time.perf_counter()
@@ -198,6 +206,8 @@ class Scheduler:
         finally:
             self._in_flight -= len(live)
             self._hooks.on_in_flight(self._in_flight)
+            if self._in_flight == 0 and self._queue.empty():
+                self._settled.set()
         self._hooks.on_batch(len(live), time.perf_counter() - started)
         for job, row in zip(live, probabilities, strict=True):
             if not job.future.done():

@@ -159,6 +159,7 @@ def test_three_swaps_under_load_fail_no_request(artifacts: dict[str, Path], tmp_
     model_dir = tmp_path / "model"
     deploy(artifacts["a"], model_dir)
     with running_service(model_dir, tmp_path / "server.log", THREADS="2", MAX_QUEUE="256") as server:
+        assert httpx.post(f"{server.url}/infer", files={"image": RED}).status_code == 200  # the wide comes after
         wait_for(lambda: server_metric(server, "inference_session_threads", session="wide") == 2, "the wide session")
         with Clients(server, 4) as clients:
             wait_for(lambda: clients.answered() >= 20, "the clients under way")
