@@ -326,6 +326,24 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 60) -
         await asyncio.sleep(0.001)
 
 
+def post_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, object]:
+    """The ASGI scope uvicorn would hand the app for a POST to `path` with these headers."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("service", 80),
+    }
+
+
 async def asgi_post(
     app: Starlette,
     body: bytes,
@@ -338,23 +356,8 @@ async def asgi_post(
 
     `content_length` declares a length other than the body's own (a client that lies, or has more to send).
     """
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"content-type", content_type.encode()),
-            (b"content-length", str(len(body) if content_length is None else content_length).encode()),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("service", 80),
-    }
+    length = str(len(body) if content_length is None else content_length).encode()
+    scope = post_scope(path, [(b"content-type", content_type.encode()), (b"content-length", length)])
     sent_body = False
     answered = asyncio.Event()
     status, chunks = 0, []

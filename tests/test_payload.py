@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from service.errors import EmptyImage, InvalidBase64
 from service.model import Classifier
 from service.payload import decode_base64
-from tests.helpers import asgi_post, image_bytes, make_app, serving
+from tests.helpers import asgi_post, image_bytes, make_app, post_scope, serving
 
 LIMIT = 3000  # MAX_UPLOAD_BYTES for these tests
 FRAMING = 64 * 1024  # room the service allows for multipart and JSON framing around an image
@@ -279,20 +279,7 @@ def test_a_streamed_body_is_refused_once_it_passes_the_limit(
         elif message["type"] == "http.response.body":
             answer["body"] = answer.get("body", b"") + message.get("body", b"")  # type: ignore[operator]
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", content_type.encode()), (b"transfer-encoding", b"chunked")],
-        "client": ("127.0.0.1", 1),
-        "server": ("service", 80),
-    }
+    scope = post_scope(path, [(b"content-type", content_type.encode()), (b"transfer-encoding", b"chunked")])
 
     async def scenario() -> None:
         async with serving(app):
