@@ -10,7 +10,15 @@ import pytest
 from PIL import Image, ImageOps
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
-from service.imaging import _resize_plan, open_image, preprocess, resize_bilinear_tf, scale_values, warm_up
+from service.imaging import (
+    _resize_plan,
+    decode_rgb,
+    open_image,
+    preprocess,
+    resize_bilinear_tf,
+    scale_values,
+    warm_up,
+)
 from service.manifest import Preprocessing
 from tests.helpers import image_bytes
 
@@ -142,8 +150,10 @@ def test_jpeg_draft_decodes_large_images_at_reduced_scale() -> None:
     with_draft = preprocess(data, spec, LIMIT)
     full = preprocess(data, replace(spec, jpeg_draft=False), LIMIT)
     assert with_draft.shape == full.shape == (300, 300, 3)
-    # Same picture, a slightly different sampling.
+    # Same picture, a slightly different sampling: decoded at 1/4 scale (1600x1200 -> 400x300), then resized.
     assert float(np.abs(with_draft - full).mean()) < 40
+    np.testing.assert_array_equal(with_draft, _expected_with_draft(data, spec, (300, 300)))
+    assert not np.array_equal(with_draft, full)
     image = Image.open(BytesIO(data))
     image.draft("RGB", (300, 300))
     assert image.size == (400, 300)  # 1/4 scale: both sides still >= 300
@@ -226,9 +236,10 @@ def test_open_image_reads_only_the_header() -> None:
     assert image.size == (300, 200) and image.format == "PNG"
     with pytest.raises(ImageTooLarge, match=r"300x200 = 60,000 pixels; the limit is 59,999 \(MAX_IMAGE_PIXELS\)"):
         open_image(data, 59_999)
-    with pytest.raises(EmptyImage, match="0 bytes"):
+    with pytest.raises(EmptyImage, match=r"^the image is empty \(0 bytes\)$"):
         open_image(b"", 100)
-    with pytest.raises(InvalidImage, match="not an image in a supported format"):
+    unsupported = r"^the data is not an image in a supported format \(JPEG, PNG, WEBP, GIF, BMP, TIFF\)$"
+    with pytest.raises(InvalidImage, match=unsupported):
         open_image(b"%!PS-Adobe-3.0 EPSF-3.0\n", 100)
 
 
@@ -291,3 +302,78 @@ def test_resize_plans_are_shared_and_read_only() -> None:
     resize_bilinear_tf(src, 5, 7)
     with pytest.raises(ValueError):
         _resize_plan(17, 23, 3, 5, 7).rows_low[0] = 1
+
+
+def test_formats_pillow_reads_but_the_service_does_not_accept_are_refused() -> None:
+    # Pillow opens PPM and ICO happily; only the six upload formats are let through.
+    for fmt in ("PPM", "ICO"):
+        with pytest.raises(InvalidImage, match=r"^the data is not an image in a supported format \("):
+            open_image(image_bytes((1, 2, 3), size=(16, 16), fmt=fmt), LIMIT)
+
+
+def test_a_corrupt_header_and_corrupt_data_say_which() -> None:
+    png = image_bytes((1, 2, 3), size=(64, 48))
+    with pytest.raises(InvalidImage, match=r"^the image header is corrupt: \S"):
+        open_image(png[:20], LIMIT)  # cut inside the IHDR chunk
+    jpeg = image_bytes((1, 2, 3), size=(300, 200), fmt="JPEG")
+    with pytest.raises(InvalidImage, match=r"^the image could not be decoded: \S"):
+        preprocess(jpeg[: len(jpeg) // 2], SPEC, LIMIT)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (7, 1)])
+def test_a_one_pixel_wide_or_tall_image_is_accepted(size: tuple[int, int]) -> None:
+    out = preprocess(image_bytes((30, 60, 90), size=size), SPEC, LIMIT)
+    np.testing.assert_allclose(out[0, 0], (30, 60, 90))
+
+
+def test_an_rgb_image_is_passed_on_without_a_copy() -> None:
+    image = Image.new("RGB", (20, 20), (1, 2, 3))
+    assert decode_rgb(image, SPEC) is image
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_sixteen_bit_grey_of_either_byte_order_is_scaled(mode: str) -> None:
+    # Big-endian TIFFs open as I;16B; Pillow's own convert("RGB") would clip 40000 to 255.
+    rgb = decode_rgb(Image.new(mode, (4, 4), 40000), SPEC)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 257, rounded
+
+
+def test_float_greyscale_without_a_value_is_black_and_stays_in_range() -> None:
+    values = np.array([[np.nan, np.inf, -np.inf, -0.5, 0.0, 0.8, 1.0]], dtype=np.float32)
+    grey = np.asarray(decode_rgb(Image.fromarray(values), SPEC))[0, :, 0]
+    # No value (NaN, infinities) is black; the 0..1 range is stretched to 0..255, and below 0 is clipped to 0.
+    np.testing.assert_array_equal(grey, [0, 0, 0, 0, 0, 204, 255])
+    # A peak above 1 means the floats are already on the 0..255 scale.
+    above_one = np.array([[2.0, 0.4]], dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(decode_rgb(Image.fromarray(above_one), SPEC))[0, :, 0], [2, 0])
+
+
+def test_integer_greyscale_past_255_is_taken_as_sixteen_bit_and_clipped() -> None:
+    values = np.array([[256, 70000, 0, 51400]], dtype=np.int32)  # 256 is past 8 bits; 70000 past 16
+    grey = np.asarray(decode_rgb(Image.fromarray(values), SPEC))[0, :, 0]
+    np.testing.assert_array_equal(grey, [1, 255, 0, 200])
+    # A peak of 256 is already past 8 bits: the whole image is scaled as 16-bit (256 -> 1), not clipped to 255.
+    just_past = np.array([[256, 0]], dtype=np.int32)
+    np.testing.assert_array_equal(np.asarray(decode_rgb(Image.fromarray(just_past), SPEC))[0, :, 0], [1, 0])
+
+
+@pytest.mark.parametrize(("mode", "colour"), [("PA", (0, 0)), ("RGBa", (0, 0, 0, 0)), ("LA", (0, 0))])
+def test_every_mode_with_alpha_shows_the_background(mode: str, colour: tuple[int, ...]) -> None:
+    # PA (palette + alpha) and RGBa (premultiplied) come from decoders, not from files the tests can write.
+    spec = replace(SPEC, background=(0, 128, 255))
+    rgb = decode_rgb(Image.new(mode, (4, 4), colour), spec)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (0, 128, 255)
+
+
+def test_an_mpo_file_is_drafted_like_a_jpeg() -> None:
+    # MPO (multi-picture JPEG, as many phone cameras write): the same reduced-scale decode as a JPEG.
+    rng = np.random.default_rng(6)
+    frames = [Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)) for _ in range(2)]
+    buffer = BytesIO()
+    frames[0].save(buffer, format="MPO", save_all=True, append_images=frames[1:], quality=90)
+    data = buffer.getvalue()
+    assert Image.open(BytesIO(data)).format == "MPO"
+    spec = Preprocessing(height=300, width=300)
+    out = preprocess(data, spec, LIMIT)
+    np.testing.assert_array_equal(out, _expected_with_draft(data, spec, (300, 300)))
+    assert not np.array_equal(out, _expected_with_draft(data, spec, None))

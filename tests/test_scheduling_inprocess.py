@@ -1,0 +1,258 @@
+"""The scheduler itself, driven directly: a real Scheduler, the service's real metrics hooks, a real onnxruntime
+session of the tiny test model behind a gate the test opens (tests.helpers.GatedClassifier), a real event loop.
+
+test_serving.py drives the same code through the app; these tests reach states the app cannot reach on demand:
+two runs in the engine at once, a batch holding jobs of two models, a cancelled or expired job ahead of a live
+one in the same batch, a wide session, a caller with no disconnect watcher. Fast enough to run once per mutant
+(docs/mutation.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.errors import ClientDisconnected, DeadlineExceeded
+from service.metrics import Metrics
+from service.scheduler import Job, Scheduler
+from tests.helpers import GatedClassifier, until
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "dark": (10, 10, 10)}
+TIMEOUT_S = 20.0  # a bound for a broken scheduler, not a measurement: every answer here takes milliseconds
+
+
+def _pixels(name: str) -> np.ndarray:
+    return np.full((8, 8, 3), COLOURS[name], dtype=np.float32)  # the tiny model's input size
+
+
+class RecordingClassifier(GatedClassifier):
+    """The gated classifier, recording for each engine run whether it was asked to be wide and on which thread."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[object, str]] = []
+
+    def predict(self, batch: np.ndarray, wide: bool = False) -> np.ndarray:  # type: ignore[override]
+        self.calls.append((wide, threading.current_thread().name))
+        return super().predict(batch, wide)
+
+
+def _engine(model_dir: Path) -> RecordingClassifier:
+    engine = RecordingClassifier.from_dir(model_dir)
+    assert isinstance(engine, RecordingClassifier)
+    engine.calls.clear()  # the warm-up run
+    return engine
+
+
+@pytest.fixture
+def engine(tiny_artifact: Path) -> RecordingClassifier:
+    return _engine(tiny_artifact)
+
+
+def _scheduler(**settings: Any) -> tuple[Scheduler, Metrics]:
+    metrics = Metrics()
+    options: dict[str, Any] = {"workers": 1, "max_batch": 1, "batch_wait_s": 0.0, "max_queue": 8, **settings}
+    return Scheduler(**options, hooks=metrics.scheduler_hooks()), metrics
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else float(value)
+
+
+def _classes(engine: GatedClassifier, rows: list[np.ndarray]) -> list[str]:
+    return [engine.top(row, 1)[0].label for row in rows]
+
+
+def _infer(
+    scheduler: Scheduler,
+    engine: GatedClassifier,
+    names: list[str],
+    gone: Callable[[], Awaitable[None]] | None = None,
+) -> asyncio.Task[list[np.ndarray]]:
+    return asyncio.ensure_future(scheduler.infer(engine, [_pixels(name) for name in names], TIMEOUT_S, gone))
+
+
+def test_a_run_alone_is_wide_and_runs_side_by_side_are_narrow(engine: RecordingClassifier) -> None:
+    engine.add_wide_session(2)
+    assert engine.wide is not None
+    metrics: Metrics | None = None
+
+    async def scenario() -> None:
+        nonlocal metrics
+        scheduler, metrics = _scheduler(workers=2)
+        scheduler.start()
+        assert {"inference-worker-0", "inference-worker-1"} <= {task.get_name() for task in asyncio.all_tasks()}
+        try:
+            # Alone: nothing in the engine, nobody waiting.
+            assert _classes(engine, await _infer(scheduler, engine, ["red"])) == ["red"]
+            with engine.held():
+                first = _infer(scheduler, engine, ["green"])
+                await until(lambda: engine.runs == 2, "the green run in the engine")
+                second = _infer(scheduler, engine, ["blue"])  # the second worker runs it beside the first
+                await until(lambda: engine.runs == 3, "the blue run beside it")
+                assert _value(metrics, "inference_in_flight") == 2
+            assert _classes(engine, await first + await second) == ["green", "blue"]
+            assert _value(metrics, "inference_in_flight") == 0
+        finally:
+            await scheduler.close()
+
+    began = time.perf_counter()
+    asyncio.run(scenario())
+    elapsed = time.perf_counter() - began
+    assert metrics is not None
+    # The run on its own and the first of the two were wide (every core); the one beside it was narrow.
+    assert [wide for wide, _ in engine.calls] == [True, True, False]
+    assert _value(metrics, "inference_runs_total", session="wide") == 2
+    assert _value(metrics, "inference_runs_total", session="narrow") == 1
+    # On the scheduler's own named pool (the OS sees the names too), not the event loop's default executor.
+    assert all(thread.startswith("inference_") for _, thread in engine.calls), engine.calls
+    # The engine time each batch reports lies within the test's own span, at most two runs at a time (a
+    # consistency check, not a timing).
+    assert _value(metrics, "inference_seconds_count") == 3
+    assert 0 < _value(metrics, "inference_seconds_sum") <= 2 * elapsed
+
+
+def test_a_batch_holds_what_is_queued_and_each_job_runs_on_its_own_model(tiny_artifact: Path) -> None:
+    first_model, second_model = _engine(tiny_artifact), _engine(tiny_artifact)  # as during a hot swap
+    left = asyncio.Event()
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(max_batch=2, batch_wait_s=60.0)
+        scheduler.start()
+        try:
+            with first_model.held():
+                opening = _infer(scheduler, first_model, ["red", "green"])
+                await until(lambda: first_model.runs == 1, "the first batch in the engine")
+                assert first_model.images == 2, "the two queued images were not batched together"
+                gone = _infer(scheduler, first_model, ["blue"], gone=left.wait)
+                alone = _infer(scheduler, second_model, ["dark"])
+                mixed = [_infer(scheduler, first_model, ["green"]), _infer(scheduler, second_model, ["blue"])]
+                await until(lambda: _value(metrics, "inference_queue_depth") == 4, "four jobs queued")
+                left.set()  # the first of them is abandoned while it waits
+                with pytest.raises(ClientDisconnected):
+                    await gone
+            # Batches [abandoned, dark on the second model] and [green on the first, blue on the second]: the
+            # abandoned job is skipped without dropping the one behind it, and each model runs only its own jobs.
+            assert _classes(first_model, await opening) == ["red", "green"]
+            assert _classes(second_model, await alone) == ["dark"]
+            assert [_classes(first_model, await task)[0] for task in mixed] == ["green", "blue"]
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert (first_model.runs, first_model.images) == (2, 3)
+    assert (second_model.runs, second_model.images) == (2, 2)
+
+
+def test_a_short_batch_wait_still_takes_what_is_already_queued(engine: RecordingClassifier) -> None:
+    async def scenario() -> list[list[np.ndarray]]:
+        scheduler, _ = _scheduler(max_batch=2, batch_wait_s=0.5)
+        scheduler.start()
+        try:
+            # Both are queued before the worker wakes: the batch fills at once, whatever the wait.
+            return list(await asyncio.gather(_infer(scheduler, engine, ["red"]), _infer(scheduler, engine, ["dark"])))
+        finally:
+            await scheduler.close()
+
+    answers = asyncio.run(scenario())
+    assert [_classes(engine, rows)[0] for rows in answers] == ["red", "dark"]
+    assert (engine.runs, engine.images) == (1, 2)
+
+
+def test_several_images_without_a_watcher_are_answered_in_order_one_run_each(engine: RecordingClassifier) -> None:
+    async def scenario() -> list[np.ndarray]:
+        scheduler, _ = _scheduler()  # MAX_BATCH=1: the answers come back one run at a time
+        scheduler.start()
+        try:
+            return await scheduler.infer(engine, [_pixels(name) for name in COLOURS], TIMEOUT_S)
+        finally:
+            await scheduler.close()
+
+    assert _classes(engine, asyncio.run(scenario())) == list(COLOURS)
+    assert (engine.runs, engine.images) == (4, 4)
+
+
+def test_the_disconnect_watcher_is_cancelled_once_the_answer_is_in(engine: RecordingClassifier) -> None:
+    watched = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def never_gone() -> None:
+        watched.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def scenario() -> None:
+        scheduler, _ = _scheduler()
+        scheduler.start()
+        try:
+            assert _classes(engine, await scheduler.infer(engine, [_pixels("blue")], TIMEOUT_S, never_gone)) == ["blue"]
+            assert watched.is_set()
+            # Cancelled as the call returns; it learns so the next time the loop runs it.
+            await asyncio.wait_for(cancelled.wait(), TIMEOUT_S)
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_settled_waits_for_the_queue_and_the_engine_to_be_empty(engine: RecordingClassifier) -> None:
+    async def scenario() -> None:
+        scheduler, _ = _scheduler()
+        scheduler.start()
+        settled = asyncio.ensure_future(scheduler.settled())
+        try:
+            with engine.held():
+                first = _infer(scheduler, engine, ["red"])
+                await until(lambda: engine.runs == 1, "the first run in the engine")
+                second = _infer(scheduler, engine, ["green"])
+                await asyncio.sleep(0)
+                assert not settled.done()
+                # Let the first run end while the second still waits in the queue, and hold the second: the loop
+                # is blocked here, so the worker cannot start the second before the gate is closed again.
+                engine.finished.clear()
+                engine.gate.set()
+                assert engine.finished.wait(TIMEOUT_S)
+                engine.gate.clear()
+                await until(lambda: engine.runs == 2, "the second run in the engine")
+                assert _classes(engine, await first) == ["red"]
+                assert not settled.done(), "settled while a request was still queued"
+            assert _classes(engine, await second) == ["green"]
+            await asyncio.wait_for(settled, TIMEOUT_S)
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_expired_job_is_answered_504_and_the_rest_of_its_batch_still_runs(engine: RecordingClassifier) -> None:
+    # The worker's own step, on a batch it has taken: the app cannot line up an expired job ahead of a live one
+    # on demand (the waiting request notices its own deadline first), so the batch is built here.
+    async def scenario() -> list[Job]:
+        scheduler, _ = _scheduler(max_batch=3)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        jobs = [
+            Job(_pixels("red"), now - 1.0, engine, loop.create_future()),  # expired while it waited
+            Job(_pixels("green"), now, engine, loop.create_future()),  # due this instant: still in time
+            Job(_pixels("blue"), now + 60.0, engine, loop.create_future()),
+        ]
+        await scheduler._run(jobs, now)
+        await scheduler.close()
+        return jobs
+
+    expired, due, live = asyncio.run(scenario())
+    with pytest.raises(DeadlineExceeded, match="^the request expired in the queue$"):
+        expired.future.result()
+    assert _classes(engine, [due.future.result(), live.future.result()]) == ["green", "blue"]
+    assert (engine.runs, engine.images) == (1, 2)
