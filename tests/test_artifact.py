@@ -33,7 +33,14 @@ def test_it_is_the_int8_reference_model_and_says_so(manifest: Manifest) -> None:
     assert manifest.input.shape == (None, 300, 300, 3)
     assert manifest.preprocessing.value_range == (0.0, 255.0)
     report = manifest.export
-    assert {v["name"] for v in report["variants"]} == {"fp32", "dynamic", "static", "static_u8", "mixed", "mixed_stem_swish"}
+    assert {v["name"] for v in report["variants"]} == {
+        "fp32",
+        "dynamic",
+        "static",
+        "static_u8",
+        "mixed",
+        "mixed_stem_swish",
+    }
     assert report["selected"] == "mixed_stem_swish"
     assert report["batchnorm_reestimated_batches"] > 0
     assert not (ARTIFACTS / "fp32.onnx").exists()
