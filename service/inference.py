@@ -20,7 +20,7 @@ import numpy as np
 from service.errors import DeadlineExceeded, PayloadTooLarge, ServiceError
 from service.imaging import preprocess
 from service.metrics import Metrics
-from service.model import Classifier
+from service.model import Classifier, trim_heap
 from service.payload import too_many_images
 from service.scheduler import Admission, Scheduler
 from service.settings import Settings
@@ -37,12 +37,10 @@ def release_freed_memory() -> None:
     """Hand what the process has freed back to the system. glibc keeps memory that onnxruntime frees in its
     arenas: without this, RSS grew by 10-18 MB with each swap of the committed artifact; with it, it stayed
     flat (6 swaps in-process)."""
-    import ctypes
     import gc
 
     gc.collect()  # the sessions' Python wrappers can sit in reference cycles until the next full collection
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back this way
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 @dataclass(frozen=True)

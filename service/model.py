@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,22 @@ def session_options(threads: int, *, spinning: bool = False) -> ort.SessionOptio
     # Only the wide session, which runs a request that is alone, spins (benchmarks/parallelism.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # A memory pattern reserves one block per concurrent run for all of a run's tensors; without it, runs take
+    # tensors from the shared arena and reuse each other's freed chunks: 6-7 MB less with two runs side by side,
+    # the same CPU per run (narrow 32.7-33.8 vs 28.9-34.4 ms; wide lone run 26.1/24.7 vs 26.6/24.5 ms).
+    options.enable_mem_pattern = False
     options.log_severity_level = 3
     return options
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim). Building a session leaves the graph
+    optimizer's temporaries freed but kept by glibc: trimming after the startup load took 2.4 ms and 15 MB
+    off the resident set (105.9 -> 90.6 MB, the committed artifact)."""
+    import ctypes  # here, off the import path of `python -m service`
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back this way
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _shape_accepts(shape: list[int | str | None], given: tuple[int | None, ...]) -> bool:
@@ -102,6 +117,7 @@ class Classifier:
         classifier._check_signature()
         if warm:
             classifier.warm_up()
+        trim_heap()
         return classifier
 
     def _check_signature(self) -> None:
