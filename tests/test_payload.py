@@ -136,7 +136,10 @@ def test_invalid_base64(text: str) -> None:
 def test_unsupported_media_types(app: Starlette, content_type: str, shown: str) -> None:
     headers = {"content-type": content_type} if content_type else {}
     message = _error(_send(app, content=b"hello", headers=headers), 415, "unsupported_media_type")
-    assert message.startswith(f"content type {shown} cannot carry an image"), message
+    assert message == (
+        f"content type {shown} cannot carry an image; send multipart/form-data with an `image` field, "
+        'JSON {"image": "<base64>"}, or the raw bytes as image/* or application/octet-stream'
+    ), message
 
 
 def test_multipart_refusals(app: Starlette) -> None:
@@ -214,6 +217,16 @@ def test_multipart_body_limit_allows_framing(app: Starlette) -> None:
     assert _send(app, content=body, headers={"content-type": content_type}).json()["class"] == "red"
     body, content_type = _padded_multipart(body_limit + 1)
     assert _error(_send(app, content=body, headers={"content-type": content_type}), 413, "payload_too_large")
+
+
+def test_a_base64_text_part_over_starlettes_default_part_size_is_read(classifier: Classifier) -> None:
+    # Starlette refuses a text part over 1 MiB unless told otherwise; base64 of an image up to MAX_UPLOAD_BYTES
+    # sent as a text field must get through like a file part.
+    app = make_app(classifier, MAX_UPLOAD_BYTES=str(2 << 20))
+    text = base64.b64encode(b"\x89" * (3 << 19))  # 1.5 MiB of bytes, 2 MiB of base64
+    body, content_type = _multipart(("image", text, None))
+    # Read whole and decoded, then refused as an image, not as a malformed body.
+    _error(_send(app, content=body, headers={"content-type": content_type}), 400, "invalid_image")
 
 
 @pytest.mark.parametrize("content_type", ["image/jpeg", "application/json", "multipart/form-data; boundary=XyZ"])
