@@ -63,6 +63,10 @@ class System:
     # speed drifts over a long run, and the saturation ratio must compare like with like.
     bracketed: bool = False
     cwd: Path = ROOT  # where `python -m service` imports the service from (benchmarks.ab: another revision's)
+    # One request for an image, (path, httpx keyword arguments); None: multipart_request (POST /infer). The Locust
+    # file in benchmarks/ that sends the same kind of request (locustfile_oip.py: the OIP server, Triton).
+    request: Callable[[bytes], tuple[str, dict[str, Any]]] | None = None
+    locustfile: str = "locustfile.py"
 
 
 def _free_port() -> int:
@@ -108,6 +112,11 @@ def _multipart(body: bytes) -> dict[str, Any]:
     return {"files": {"image": ("car.jpg", body, "image/jpeg")}}
 
 
+def multipart_request(image: bytes) -> tuple[str, dict[str, Any]]:
+    """POST /infer with the image as the multipart field `image`, as the original's clients send it."""
+    return "/infer", _multipart(image)
+
+
 def _tree_rss(process: psutil.Process) -> int:
     try:
         procs = [process, *process.children(recursive=True)]
@@ -146,9 +155,13 @@ def start(system: System, url: str, image: bytes, log: Path) -> tuple[subprocess
             if process.poll() is not None:
                 tail = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{system.name} exited with {process.returncode}; {log} ends:\n{tail}")
+            path, request = (system.request or multipart_request)(image)
             try:
-                if client.post(f"{url}/infer", **_multipart(image)).status_code == 200:
+                if client.post(f"{url}{path}", **request).status_code == 200:
                     return process, time.perf_counter() - launched
+                # Triton listens before its model is loaded and refuses at once until then: no busy loop. The
+                # other systems bind only once loaded, so they never take this path.
+                time.sleep(0.02)
             except httpx.TransportError:
                 time.sleep(0.02)
     process.kill()
@@ -164,14 +177,21 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
-def warm_up(url: str, images: list[bytes], users: int, seconds: float) -> None:
+def warm_up(
+    url: str,
+    images: list[bytes],
+    users: int,
+    seconds: float,
+    request: Callable[[bytes], tuple[str, dict[str, Any]]] = multipart_request,
+) -> None:
     stop = time.perf_counter() + seconds
 
     def loop(i: int) -> None:
         with httpx.Client(timeout=60) as client:
             k = i
             while time.perf_counter() < stop:
-                client.post(f"{url}/infer", **_multipart(images[k % len(images)]))
+                path, kwargs = request(images[k % len(images)])
+                client.post(f"{url}{path}", **kwargs)
                 k += users
 
     with ThreadPoolExecutor(users) as pool:
@@ -211,11 +231,13 @@ def locust(
     prefix: Path,
     during: Callable[[int], Any] | None = None,
     env: dict[str, str] | None = None,
+    locustfile: str = "locustfile.py",
 ) -> dict[str, Any]:
     """Headless Locust against `url`; `during(locust_pid)`, if given, runs while it does and its result is kept.
-    `env` is added to Locust's environment (BENCH_IMAGE_SET: benchmarks/locustfile.py)."""
+    `env` is added to Locust's environment (BENCH_IMAGE_SET: benchmarks/locustfile.py). `locustfile`: a file in
+    benchmarks/ (locustfile_oip.py: Open Inference Protocol requests, for Triton)."""
     command = [
-        sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
+        sys.executable, "-m", "locust", "-f", str(HERE / locustfile), "--headless",
         "-u", str(users), "-r", str(users), "-t", f"{profile.duration_s}s",
         "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "10", "--loglevel", "WARNING",
     ]  # fmt: skip

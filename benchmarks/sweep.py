@@ -4,6 +4,7 @@
     python -m benchmarks.sweep --duration 20 --warmup 10 --name sweep-before
     python -m benchmarks.sweep --variant "" --variant "@HEAD~1" --sets large --levels 1 8
     python -m benchmarks.sweep --quick                          # 2 levels, short phases: proves the harness
+    python -m benchmarks.sweep --triton .venv-triton/bin/python # Triton as a third system (docs/triton.md)
 
 At each concurrency level, each system in turn gets a fresh server (launch to first answer is recorded: a
 cold-start sample), an uncounted warm-up of `--warmup` s at that level, then `--duration` s of headless Locust
@@ -18,6 +19,12 @@ settings and/or `@REV`) and the naive reference server (benchmarks/baselines/nai
 committed artifact. Per level and system: answered/s, p50/p90/p99 (Locust's), errors by kind (503 with
 Retry-After is load shedding; any other 5xx is a failure), peak RSS. The headline is the ratio table, ours
 over naive at each level, measured in the same round. Writes results/<name>.{json,md,png}.
+
+With `--triton PYTHON` (a venv built from benchmarks/requirements-triton.txt), Triton Inference Server is a third
+system at every level, in the same alternation: benchmarks/baselines/triton_server.py, the same artifact and
+preprocessing behind a pytriton callable, loaded by Open Inference Protocol clients (benchmarks/locustfile_oip.py).
+Its peak RSS sums the whole process tree (the pytriton launcher, tritonserver, its Python-backend stubs), as
+for the other systems; the ratios then include ours over Triton. Benchmarks only: never in CI.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -34,13 +42,28 @@ from typing import Any
 
 from benchmarks import cpu, payloads
 from benchmarks.ab import Variant, parse_variant, service_code
+from benchmarks.baselines import triton_server
+from benchmarks.baselines.triton_server import INFER_PATH, oip_request
 from benchmarks.report import command_line, provenance, save
-from benchmarks.run import ROOT, Profile, RssSampler, System, _free_port, failures, locust, start, stop, warm_up
+from benchmarks.run import (
+    ROOT,
+    Profile,
+    RssSampler,
+    System,
+    _free_port,
+    failures,
+    locust,
+    multipart_request,
+    start,
+    stop,
+    warm_up,
+)
 
 HERE = Path(__file__).resolve().parent
 LEVELS = (1, 2, 4, 8, 16, 32)
 QUICK_LEVELS = (1, 4)
 NAIVE = "naive"
+TRITON = "triton"
 KINDS = ("503 with Retry-After", "other 5xx", "no answer", "other")
 
 
@@ -52,9 +75,13 @@ class Contender:
     variant: Variant | None = None  # ours: the service settings/revision; None: the naive server
     code: Path = ROOT
     env: dict[str, str] = field(default_factory=dict)
+    triton_python: str | None = None  # Triton: the python of its own venv (benchmarks/requirements-triton.txt)
 
     def system(self, port: int) -> System:
         base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+        if self.triton_python is not None:
+            command = [self.triton_python, "-m", "benchmarks.baselines.triton_server", "--port", str(port)]
+            return System(self.name, command, base, cwd=ROOT, request=triton_request, locustfile="locustfile_oip.py")
         if self.variant is None:
             command = [sys.executable, "-m", "uvicorn", "benchmarks.baselines.naive_server:app"]
             command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
@@ -62,9 +89,32 @@ class Contender:
         return System(self.name, [sys.executable, "-m", "service"], base | self.variant.env, cwd=self.code)
 
 
-def contenders(variants: list[Variant], code: dict[str, Path]) -> list[Contender]:
+def triton_request(image: bytes) -> tuple[str, dict[str, Any]]:
+    """benchmarks.run's request hook for Triton: the OIP request benchmarks/locustfile_oip.py sends."""
+    body, headers = oip_request(image)
+    return INFER_PATH, {"content": body, "headers": headers}
+
+
+def contenders(variants: list[Variant], code: dict[str, Path], triton_python: str | None = None) -> list[Contender]:
     ours = [Contender("service" if v.label == "defaults" else f"service {v.label}", v, code[v.label]) for v in variants]
-    return [*ours, Contender(NAIVE)]
+    triton = [Contender(TRITON, triton_python=triton_python)] if triton_python else []
+    return [*ours, Contender(NAIVE), *triton]
+
+
+def triton_version(python: str) -> str:
+    """The pytriton version in that venv; a clear error before the sweep starts if it cannot run pytriton."""
+    done = subprocess.run(
+        [python, "-c", "import importlib.metadata as m, pytriton; print(m.version('nvidia-pytriton'))"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"--triton {python}: cannot import pytriton there (docs/triton.md):\n{done.stderr[-1500:]}")
+    return done.stdout.strip()
+
+
+def triton_info(python: str, pytriton: str) -> dict[str, Any]:
+    values = triton_server.settings(os.environ)  # the launcher inherits this environment
+    return {"python": python, "pytriton": pytriton, "settings": values, "setup": triton_server.describe(values)}
 
 
 def error_kinds(prefix: Path) -> dict[str, int]:
@@ -96,14 +146,16 @@ def measure(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     tag = f"{tag}-{image_set}-{users}-{contender.name}".replace(" ", "_").replace("/", "_").replace("@", "")
-    process, cold_start = start(contender.system(port), url, images[0], work / f"{tag}.log")
+    system = contender.system(port)
+    process, cold_start = start(system, url, images[0], work / f"{tag}.log")
     try:
-        warm_up(url, images, users, args.warmup)
+        warm_up(url, images, users, args.warmup, request=system.request or multipart_request)
         sampler = RssSampler(process.pid)
         sampler.start()
         profile = Profile(users=users, duration_s=args.duration, warmup_s=0, engine_s=0)
         before = cpu.snapshot(process.pid)
-        load = locust(url, profile, users, work / tag, env={"BENCH_IMAGE_SET": image_set})
+        env = {"BENCH_IMAGE_SET": image_set}
+        load = locust(url, profile, users, work / tag, env=env, locustfile=system.locustfile)
         after = cpu.snapshot(process.pid)
         rss = sampler.stop()
     finally:
@@ -152,7 +204,7 @@ def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for p in points:
         groups.setdefault((p["set"], p["users"]), []).append(p)
-    summary, ratios = [], []
+    summary, ratios, to_triton = [], [], []
     for (image_set, users), group in groups.items():
         for name in names:
             mine = [p for p in group if p["system"] == name]
@@ -177,6 +229,18 @@ def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
                     },
                 }
             )
+        triton = {p["round"]: p for p in group if p["system"] == TRITON}
+        for name in names if triton else []:
+            if name in (NAIVE, TRITON):
+                continue
+            paired = [(p, triton[p["round"]]) for p in group if p["system"] == name and p["round"] in triton]
+            to_triton.append(
+                {"set": image_set, "users": users, "system": name}
+                | {
+                    f"{m} / triton": _median(_ratio(a[m], b[m]) for a, b in paired)
+                    for m in ("answered_per_s", "p50_ms", "p99_ms", "peak_rss_mb")
+                }
+            )
     cold = []
     for name in names:
         values = [p["cold_start_s"] for p in points if p["system"] == name]
@@ -196,7 +260,9 @@ def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
                 "cold start / naive (median of paired launches)": _median(paired),
             }
         )
-    return {"summary": summary, "ratios": ratios, "cold_start": cold}
+    return {"summary": summary, "ratios": ratios, "cold_start": cold} | (
+        {"ratios_to_triton": to_triton} if to_triton else {}
+    )
 
 
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -206,7 +272,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = {(r["set"], r["users"], r["system"]): r for r in result["summary"]}
     cold = {c["system"]: c for c in result["cold_start"]}
     for name in result["systems"]:
-        if name == NAIVE:
+        if name in (NAIVE, TRITON):  # the targets are ours
             continue
 
         def add(what: str, value: Any, ok: bool | None, name: str = name) -> None:
@@ -283,6 +349,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
             f"| {r['set']} | {r['users']} | {r['system']} | **{_f(r['answered_per_s / naive'], 3)}** | "
             f"**{_f(r['p50_ms / naive'], 3)}** | {_f(r['p99_ms / naive'], 3)} | {_f(r['peak_rss_mb / naive'], 3)} |"
         )
+    lines += _triton_lines(result)
     for image_set in result["sets"]:
         lines += [
             "",
@@ -325,6 +392,36 @@ def markdown(result: dict[str, Any]) -> list[str]:
         ]
         for c in result["checks"]:
             lines.append(f"| {c['system']} | {c['check']} | {_f(c['value'], 3)} | {'yes' if c['met'] else 'no'} |")
+    return lines
+
+
+def _triton_lines(result: dict[str, Any]) -> list[str]:
+    """With --triton: what Triton ran, how its RSS is counted, and ours over Triton in the same round."""
+    if "triton" not in result:
+        return []
+    t = result["triton"]
+    lines = [
+        "",
+        f"**Triton** (the `triton` rows; in the table above, Triton / naive): nvidia-pytriton {t['pytriton']} "
+        f"({t['python']}), benchmarks/baselines/triton_server.py: {t['setup']}. The three systems alternate "
+        "order from one (set, level) to the next (A B C, then C B A). Triton's clients send the Open Inference "
+        "Protocol request (benchmarks/locustfile_oip.py: the JPEG as a BYTES input, binary tensor data; the "
+        "probabilities back as a binary output); ours and naive get the multipart `/infer`. Its peak RSS, like "
+        "every system's here, sums the RSS of the launched process and all its descendants: the pytriton "
+        "launcher (our callables and their onnxruntime sessions), tritonserver, and its Python-backend stub "
+        "processes. Pages shared between them (libraries, the shared-memory tensor pools) count once per process.",
+        "",
+        "**Ours / Triton, same round** (throughput > 1 and latency < 1 favour ours):",
+        "",
+        "| image set | clients | system | answered/s ratio | p50 ratio | p99 ratio | peak RSS ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result.get("ratios_to_triton", []):
+        lines.append(
+            f"| {r['set']} | {r['users']} | {r['system']} | **{_f(r['answered_per_s / triton'], 3)}** | "
+            f"**{_f(r['p50_ms / triton'], 3)}** | {_f(r['p99_ms / triton'], 3)} | "
+            f"{_f(r['peak_rss_mb / triton'], 3)} |"
+        )
     return lines
 
 
@@ -384,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         "--variant", action="append", type=parse_variant, help='ours, as in benchmarks.ab: "", "THREADS=4", "@HEAD~1"'
     )
     parser.add_argument("--quick", action="store_true", help="levels 1 and 4, 5 s points: proves the harness")
+    parser.add_argument(
+        "--triton",
+        metavar="PYTHON",
+        help="add Triton (benchmarks/baselines/triton_server.py) run by this python, e.g. .venv-triton/bin/python "
+        "(built as benchmarks/requirements-triton.txt says)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", help="result file name (default sweep, or sweep-quick with --quick)")
     args = parser.parse_args(argv)
@@ -396,12 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.levels) < 1 or args.rounds < 1 or args.duration < 2:
         parser.error("levels and rounds must be at least 1, --duration at least 2")
     name = args.name or ("sweep-quick" if args.quick else "sweep")
+    pytriton = triton_version(args.triton) if args.triton else None
 
     images = {s: payloads.image_set(s) for s in args.sets}
     points: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         work = Path(tmp)
-        systems = contenders(variants, service_code(variants, work))
+        systems = contenders(variants, service_code(variants, work), args.triton)
         group = 0
         for round_index in range(args.rounds):
             for image_set in args.sets:
@@ -427,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             s: {"count": len(images[s]), "sizes": [f"{w}x{h}" for w, h in payloads.SETS[s][0]]} for s in args.sets
         },
         "systems": names,
+        **({"triton": triton_info(args.triton, pytriton)} if args.triton and pytriton else {}),
         "points": points,
         **summarize(points, names),
     }
