@@ -11,17 +11,20 @@ each test in the selection takes well under a second on its own.
 from __future__ import annotations
 
 import faulthandler
-import sys
+import os
 from collections.abc import Iterator
 
 import pytest
 
 BOUND_S = 20.0
+# pytest captures file descriptor 2 while a test runs (what is written there is lost on exit): the stacks go to a
+# copy of it taken when the plugin loads, before capturing starts.
+_STDERR = os.fdopen(os.dup(2), "w")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    faulthandler.dump_traceback_later(BOUND_S, exit=True, file=sys.__stderr__)
+    faulthandler.dump_traceback_later(BOUND_S, exit=True, file=_STDERR)
     try:
         yield
     finally:
