@@ -19,6 +19,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 from locust import FastHttpUser, events, task
 from locust.env import Environment
@@ -54,6 +55,17 @@ def _write_failures(**kwargs: object) -> None:
     Path(f"{environment.parsed_options.csv_prefix}_failures.json").write_text(json.dumps(failures))
 
 
+def failed_status(response: Any) -> bool:
+    """Mark a non-200 answer failed, as "status NNN: [Retry-After N] body...", the form benchmarks.sweep sorts
+    into load shedding and failures."""
+    if response.status_code == 200:
+        return False
+    retry_after = response.headers.get("Retry-After") if response.headers else None
+    shed = f"[Retry-After {retry_after}] " if retry_after is not None else ""
+    response.failure(f"status {response.status_code}: {shed}{(response.text or '')[:200]}")
+    return True
+
+
 class InferUser(FastHttpUser):  # type: ignore[misc]
     # Closed loop, no think time: each user sends its next request as soon as the last one is answered.
 
@@ -68,10 +80,7 @@ class InferUser(FastHttpUser):  # type: ignore[misc]
         with self.client.post(
             "/infer", data=body, headers={"Content-Type": content_type}, name="/infer", catch_response=True
         ) as response:
-            if response.status_code != 200:
-                retry_after = response.headers.get("Retry-After") if response.headers else None
-                shed = f"[Retry-After {retry_after}] " if retry_after is not None else ""
-                response.failure(f"status {response.status_code}: {shed}{(response.text or '')[:200]}")
+            if failed_status(response):
                 return
             try:
                 answer = json.loads(response.text or "")

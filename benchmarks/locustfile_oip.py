@@ -39,10 +39,7 @@ class OipInferUser(FastHttpUser):  # type: ignore[misc]
     def infer(self) -> None:
         body, headers = next(self._requests)
         with self.client.post(INFER_PATH, data=body, headers=headers, name="/infer", catch_response=True) as response:
-            if response.status_code != 200:
-                retry_after = response.headers.get("Retry-After") if response.headers else None
-                shed = f"[Retry-After {retry_after}] " if retry_after is not None else ""
-                response.failure(f"status {response.status_code}: {shed}{(response.text or '')[:200]}")
+            if locustfile.failed_status(response):
                 return
             length = response.headers.get("Inference-Header-Content-Length") if response.headers else None
             problem = oip_answer_error(response.content or b"", length)
