@@ -55,8 +55,11 @@ def test_int8_keeps_the_accuracy_of_a_trained_model(tmp_path: Path, record_prope
             calibration_count=200,
             validation_dir=digits.write_pngs(tmp_path / "test", test_blobs),
             validation_count=len(test_blobs),
-            # The bar, as the gate: the export must find a static int8 variant that meets it.
-            thresholds=Thresholds(min_top1_agreement=0.98),
+            # The validation set is the held-out set, so a gate of 99% top-1 agreement with Keras bounds the
+            # accuracy change by 1 point: the bar below then holds because of the gate, not because of which
+            # variant happened to time fastest. (With 0.98, CI shipped a variant that changed 5 of 450 answers
+            # and lost 1.1 points.)
+            thresholds=Thresholds(min_top1_agreement=0.99),
             variants=INT8,  # the int8 candidates the reference export chooses from
         )
     )
@@ -72,6 +75,6 @@ def test_int8_keeps_the_accuracy_of_a_trained_model(tmp_path: Path, record_prope
         f"int8 ({manifest.export['selected']}) {int8_accuracy:.4f}, top-1 agreement {agreement:.4f}"
     )
     assert abs(int8_accuracy - keras_accuracy) <= 0.01
-    assert agreement >= 0.98
+    assert agreement >= 0.99
     shipped = next(v for v in manifest.export["variants"] if v["name"] == manifest.export["selected"])
     assert shipped["parity"]["top1_agreement"] == pytest.approx(agreement, abs=1e-6)
