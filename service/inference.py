@@ -2,14 +2,15 @@
 
 Every protocol's endpoints (service/endpoints.py, service/oip.py) only translate their request into a call
 here and the answer back. Here: the model a request is served by (pinned when its images are in, so a hot
-swap never changes it halfway), admission, decoding in the decode pool, the deadline, the scheduler, and the
-client leaving.
+swap never changes it halfway), admission, decoding in the decode pool (when the scheduler takes the image),
+the deadline, the scheduler, and the client leaving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -22,7 +23,7 @@ from service.imaging import preprocess
 from service.metrics import Metrics
 from service.model import Classifier, trim_heap
 from service.payload import too_many_images
-from service.scheduler import Admission, Scheduler
+from service.scheduler import Admission, Decode, Scheduler
 from service.settings import Settings
 
 Gone = Callable[[], Awaitable[None]]
@@ -121,23 +122,20 @@ class DataPlane:
     async def classify(self, images: Sequence[bytes | ServiceError], deadline: float, gone: Gone | None) -> Answer:
         """Encoded images -> probabilities, each image decoded as the model it is served by expects."""
         self.check_count(len(images))
-        good = [i for i, item in enumerate(images) if isinstance(item, bytes)]
+        encoded = {i: item for i, item in enumerate(images) if isinstance(item, bytes)}
+        good = list(encoded)
         results: list[np.ndarray | ServiceError] = [
             item if isinstance(item, ServiceError) else np.empty(0) for item in images
         ]
         if not good:
             return Answer(self.model, results)
         with self._admission.admit(len(good)), self._pinned() as model:
-            # Decoding runs in its own bounded pool, overlapping the engine's work, never on the event loop.
-            decoded = await asyncio.gather(*(self._decode(images[i], model) for i in good))  # type: ignore[arg-type]
-            for i, item in zip(good, decoded, strict=True):
-                results[i] = item
-            ready = [i for i in good if isinstance(results[i], np.ndarray)]
-            if ready:
-                pixels = [results[i] for i in ready]
-                rows = await self._infer(model, pixels, deadline, gone)  # type: ignore[arg-type]
-                for i, row in zip(ready, rows, strict=True):
-                    results[i] = row
+            # Queued encoded: each image is decoded (in the decode pool, never on the event loop) only when a
+            # worker takes it, so waiting images cost their bytes, not their pixels.
+            decoders = [functools.partial(self._decode, data, model) for data in encoded.values()]
+            rows = await self._infer(model, decoders, deadline, gone)
+            for i, row in zip(good, rows, strict=True):
+                results[i] = row
         return Answer(model, results)
 
     async def classify_pixels(self, pixels: np.ndarray, deadline: float, gone: Gone | None) -> Answer:
@@ -145,7 +143,7 @@ class DataPlane:
         self.check_count(len(pixels))
         with self._admission.admit(len(pixels)), self._pinned() as model:
             rows = await self._infer(model, list(pixels), deadline, gone)
-        return Answer(model, list(rows))
+        return Answer(model, rows)
 
     async def _decode(self, data: bytes, model: Classifier) -> np.ndarray | ServiceError:
         started = time.perf_counter()
@@ -159,9 +157,10 @@ class DataPlane:
         return pixels
 
     async def _infer(
-        self, model: Classifier, pixels: list[np.ndarray], deadline: float, gone: Gone | None
-    ) -> list[np.ndarray]:
+        self, model: Classifier, pixels: Sequence[np.ndarray | Decode], deadline: float, gone: Gone | None
+    ) -> list[np.ndarray | ServiceError]:
+        late = f"no answer within {self.settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise DeadlineExceeded(f"no answer within {self.settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)")
-        return await self._scheduler.infer(model, pixels, remaining, gone)
+            raise DeadlineExceeded(late)
+        return await self._scheduler.infer(model, pixels, remaining, gone, late)

@@ -7,6 +7,10 @@ How many cores a run gets is decided per run, from the scheduler's own state: a 
 other run is in the engine and nobody waits is *wide* (every core: a lone request is answered as fast as the
 engine allows); any other run is narrow (one core each: on 2 cores two single-threaded runs side by side
 beat one two-threaded run, benchmarks/engine.py and benchmarks/parallelism.py).
+
+An image may be queued undecoded, as a coroutine function that decodes it: it is decoded only when a worker
+takes it, so the queue holds encoded bytes rather than a megabyte of float32 pixels per waiting image, and an
+image whose client left or whose deadline passed is never decoded at all.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, ShuttingDown
+from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, ServiceError, ShuttingDown
 from service.threads import named_pool
 
 log = logging.getLogger(__name__)
@@ -37,12 +41,16 @@ class Engine(Protocol):
     def predict(self, batch: np.ndarray, wide: bool = False) -> np.ndarray: ...
 
 
+Decode = Callable[[], Awaitable["np.ndarray | ServiceError"]]
+"""Decodes one queued image when a worker takes it: its pixels, or the error that answers that image."""
+
+
 @dataclass
 class Job:
-    pixels: np.ndarray
+    pixels: np.ndarray | Decode
     deadline: float
     engine: Engine = field(repr=False)
-    future: asyncio.Future[np.ndarray] = field(repr=False)
+    future: asyncio.Future[np.ndarray | ServiceError] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class Scheduler:
         self._pool = named_pool(workers, "inference")
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
+        self._decoding = 0  # images taken from the queue and being decoded: about to run
         self._closing = False
         # Set once a run has ended with nothing else in the engine or waiting (cleared when one starts).
         self._settled = asyncio.Event()
@@ -95,14 +104,16 @@ class Scheduler:
     async def infer(
         self,
         engine: Engine,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | Decode],
         timeout_s: float,
         gone: Callable[[], Awaitable[None]] | None = None,
-    ) -> list[np.ndarray]:
-        """Queue (height, width, 3) images for `engine`, all or none, and await their probabilities in order.
+        late: str = "",
+    ) -> list[np.ndarray | ServiceError]:
+        """Queue images for `engine`, all or none, and await their probabilities in order: (height, width, 3)
+        pixels, or a Decode whose error, if it fails, is that image's answer.
 
-        503 if the queue has no room for all of them, 504 past `timeout_s`, 499 as soon as `gone()` (the
-        client leaving) completes.
+        503 if the queue has no room for all of them, 504 past `timeout_s` (saying `late`, when given), 499 as
+        soon as `gone()` (the client leaving) completes.
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down", headers={"Retry-After": self._retry_after})
@@ -134,7 +145,7 @@ class Scheduler:
                 if pending and watcher is not None and watcher.done():
                     raise ClientDisconnected("the client closed the connection before the answer")
             if pending:
-                raise DeadlineExceeded(f"no answer within {timeout_s:g} s (REQUEST_TIMEOUT_S)")
+                raise DeadlineExceeded(late or f"no answer within {timeout_s:g} s")
             return [job.future.result() for job in jobs]
         finally:
             if watcher is not None:
@@ -180,16 +191,42 @@ class Scheduler:
                 job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
                 continue
             by_engine.setdefault(id(job.engine), []).append(job)
+        if any(not isinstance(job.pixels, np.ndarray) for live in by_engine.values() for job in live):
+            by_engine = await self._decode(by_engine)
         # More than one engine only while a swapped-out model still has jobs queued: each runs on its own.
         for live in by_engine.values():
             await self._run_on(live[0].engine, live)
 
+    async def _decode(self, by_engine: dict[int, list[Job]]) -> dict[int, list[Job]]:
+        """Decode the taken jobs that are still bytes; a job whose image fails is answered with its error."""
+        jobs = [job for live in by_engine.values() for job in live]
+        self._decoding += len(jobs)  # counted as about to run: no other worker takes the engine wide meanwhile
+        try:
+            decoded = await asyncio.gather(*(_decoded(job.pixels) for job in jobs), return_exceptions=True)
+        finally:
+            self._decoding -= len(jobs)
+        kept: dict[int, list[Job]] = {}
+        for job, pixels in zip(jobs, decoded, strict=True):
+            if job.future.done():  # the client left while its image was decoded
+                continue
+            if isinstance(pixels, ServiceError):  # the image's own answer (undecodable, too large)
+                job.future.set_result(pixels)
+                continue
+            if isinstance(pixels, BaseException):  # a fault of ours: that request gets a 500
+                log.error("decoding failed", exc_info=pixels)
+                job.future.set_exception(pixels)
+                continue
+            job.pixels = pixels
+            kept.setdefault(id(job.engine), []).append(job)
+        return kept
+
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
         loop = asyncio.get_running_loop()
+        pixels = [job.pixels for job in live if isinstance(job.pixels, np.ndarray)]
         # One image (the common case unbatched) is passed as a view: no copy of its megabyte on the event loop.
-        batch = live[0].pixels[None] if len(live) == 1 else np.stack([job.pixels for job in live])
+        batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
         # Decided and counted with no await in between: two workers can never both see themselves alone.
-        wide = self._in_flight == 0 and self._queue.empty() and engine.wide is not None
+        wide = self._idle() and engine.wide is not None
         self._hooks.on_run(wide)
         self._settled.clear()
         self._in_flight += len(live)
@@ -206,12 +243,16 @@ class Scheduler:
         finally:
             self._in_flight -= len(live)
             self._hooks.on_in_flight(self._in_flight)
-            if self._in_flight == 0 and self._queue.empty():
+            if self._idle():
                 self._settled.set()
         self._hooks.on_batch(len(live), time.perf_counter() - started)
         for job, row in zip(live, probabilities, strict=True):
             if not job.future.done():
                 job.future.set_result(row)
+
+    def _idle(self) -> bool:
+        """Nothing in the engine, about to enter it, or waiting."""
+        return self._in_flight == 0 and self._decoding == 0 and self._queue.empty()
 
     async def close(self) -> None:
         """Refuse new work, answer everything already queued, then stop the workers."""
@@ -223,6 +264,10 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pool.shutdown(wait=True)
+
+
+async def _decoded(pixels: np.ndarray | Decode) -> np.ndarray | ServiceError:
+    return pixels if isinstance(pixels, np.ndarray) else await pixels()
 
 
 class Admission:

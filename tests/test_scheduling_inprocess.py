@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.errors import ClientDisconnected, DeadlineExceeded
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage
 from service.metrics import Metrics
 from service.scheduler import Job, Scheduler
 from tests.helpers import GatedClassifier, until
@@ -256,3 +256,69 @@ def test_an_expired_job_is_answered_504_and_the_rest_of_its_batch_still_runs(eng
         expired.future.result()
     assert _classes(engine, [due.future.result(), live.future.result()]) == ["green", "blue"]
     assert (engine.runs, engine.images) == (1, 2)
+
+
+def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifier) -> None:
+    # An image queued encoded is decoded when a worker takes it. While it decodes it is about to run: a run
+    # that starts meanwhile is not alone and must not take every core.
+    engine.add_wide_session(2)
+    decoding, decoded = asyncio.Event(), asyncio.Event()
+
+    async def decode_red() -> np.ndarray:
+        decoding.set()
+        await decoded.wait()
+        return _pixels("red")
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(workers=2)
+        scheduler.start()
+        try:
+            slow = asyncio.ensure_future(scheduler.infer(engine, [decode_red], TIMEOUT_S))
+            await decoding.wait()
+            with engine.held():
+                beside = _infer(scheduler, engine, ["blue"])
+                await until(lambda: engine.runs == 1, "the blue run in the engine")
+                decoded.set()
+                await until(lambda: engine.runs == 2, "the red run beside it")
+            assert _classes(engine, await beside + await slow) == ["blue", "red"]
+            assert _value(metrics, "inference_runs_total", session="wide") == 0
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert [wide for wide, _ in engine.calls] == [False, False]
+
+
+def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_run(
+    engine: RecordingClassifier,
+) -> None:
+    async def undecodable() -> InvalidImage:
+        return InvalidImage("not an image")
+
+    async def broken() -> np.ndarray:
+        raise RuntimeError("a fault of the decoder")
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(max_batch=3, batch_wait_s=0.05)
+        scheduler.start()
+        try:
+            with engine.held():
+                first = _infer(scheduler, engine, ["red"])
+                await until(lambda: engine.runs == 1, "the red run in the engine")
+                batch = asyncio.ensure_future(
+                    scheduler.infer(engine, [_pixels("green"), undecodable, _pixels("blue")], TIMEOUT_S)
+                )
+                await until(lambda: _value(metrics, "inference_queue_depth") == 3, "the three queued")
+            assert _classes(engine, await first) == ["red"]
+            green, error, blue = await batch
+            assert isinstance(error, InvalidImage) and str(error) == "not an image"
+            assert _classes(engine, [green, blue]) == ["green", "blue"]  # type: ignore[list-item]
+            # A fault that is not the image's fails its request (a 500), and the worker goes on serving.
+            with pytest.raises(RuntimeError, match="a fault of the decoder"):
+                await scheduler.infer(engine, [broken], TIMEOUT_S)
+            assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert (engine.runs, engine.images) == (3, 4)  # red; green and blue as one batch; dark
