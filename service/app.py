@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
             max_batch=settings.max_batch,
             batch_wait_s=settings.batch_wait_ms / 1000,
             max_queue=settings.max_queue,
+            decoders=settings.decode_threads,
             hooks=metrics.scheduler_hooks(),
         )
         scheduler.start()

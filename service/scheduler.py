@@ -8,9 +8,12 @@ other run is in the engine and nobody waits is *wide* (every core: a lone reques
 engine allows); any other run is narrow (one core each: on 2 cores two single-threaded runs side by side
 beat one two-threaded run, benchmarks/engine.py and benchmarks/parallelism.py).
 
-An image may be queued undecoded, as a coroutine function that decodes it: it is decoded only when a worker
-takes it, so the queue holds encoded bytes rather than a megabyte of float32 pixels per waiting image, and an
-image whose client left or whose deadline passed is never decoded at all.
+An image may be queued undecoded, as a coroutine function that decodes it. DECODERS tasks take the queue in
+order and decode just ahead of the engine into a small ready queue (WORKERS x MAX_BATCH): the cores never
+wait for a decoding (it overlaps the runs), yet the queue holds encoded bytes rather than a megabyte of
+float32 pixels per waiting image, and an image whose client left or whose deadline passed while it waited is
+never decoded. (Decoding when a worker took the image, with no overlap, answered 0.84-0.88x as many requests
+under load: benchmarks/results/sweep-decode-on-take.md.)
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Scheduler:
         max_batch: int,
         batch_wait_s: float,
         max_queue: int,
+        decoders: int = 1,
         retry_after_s: int = 1,
         hooks: SchedulerHooks | None = None,
     ) -> None:
@@ -78,18 +82,23 @@ class Scheduler:
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
         self._retry_after = str(retry_after_s)
+        self._decoders = decoders
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
+        # Decoded, waiting for a worker: enough for each worker's next batch, so the engine never waits on a
+        # decoding and at most this many decoded images wait (plus one per decoder waiting for room here).
+        self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=workers * max_batch)
         self._hooks = hooks or SchedulerHooks()
         self._pool = named_pool(workers, "inference")
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
-        self._decoding = 0  # images taken from the queue and being decoded: about to run
+        self._decoding = 0  # images a decoder has taken from the queue and not yet handed to a worker
         self._closing = False
         # Set once a run has ended with nothing else in the engine or waiting (cleared when one starts).
         self._settled = asyncio.Event()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
+        self._tasks += [asyncio.create_task(self._decode(), name=f"decoder-{i}") for i in range(self._decoders)]
 
     async def settled(self) -> None:
         """Return once a run has been answered and the engine is idle: the time for background work that
@@ -98,7 +107,7 @@ class Scheduler:
 
     @property
     def capacity(self) -> int:
-        """The most images one call of `infer` can queue."""
+        """The most images one call of `infer` can queue (MAX_QUEUE: queued, being decoded, or decoded)."""
         return self._queue.maxsize
 
     async def infer(
@@ -117,7 +126,7 @@ class Scheduler:
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down", headers={"Retry-After": self._retry_after})
-        if self._queue.maxsize - self._queue.qsize() < len(images):
+        if self._queue.maxsize - self._waiting() < len(images):
             raise Overloaded(
                 f"the inference queue is full ({self._queue.maxsize} waiting); retry shortly",
                 headers={"Retry-After": self._retry_after},
@@ -126,7 +135,7 @@ class Scheduler:
         jobs = [Job(pixels, loop.time() + timeout_s, engine, loop.create_future()) for pixels in images]
         for job in jobs:  # room was checked above, and nothing awaits in between
             self._queue.put_nowait(job)
-        self._hooks.on_queue_depth(self._queue.qsize())
+        self._hooks.on_queue_depth(self._waiting())
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
         try:
             pending: set[asyncio.Future[Any]] = {job.future for job in jobs}
@@ -155,7 +164,7 @@ class Scheduler:
                 job.future.cancel()
 
     async def _next_batch(self) -> list[Job]:
-        jobs = [await self._queue.get()]
+        jobs = [await self._ready.get()]
         if self._max_batch > 1:
             loop = asyncio.get_running_loop()
             until = loop.time() + self._batch_wait_s
@@ -164,10 +173,10 @@ class Scheduler:
                 if remaining <= 0:
                     break
                 try:
-                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    jobs.append(await asyncio.wait_for(self._ready.get(), remaining))
                 except TimeoutError:
                     break
-        self._hooks.on_queue_depth(self._queue.qsize())
+        self._hooks.on_queue_depth(self._waiting())
         return jobs
 
     async def _work(self) -> None:
@@ -180,7 +189,7 @@ class Scheduler:
             finally:
                 # Only now: close() waits on join(), which must mean "answered", not "taken".
                 for _ in jobs:
-                    self._queue.task_done()
+                    self._ready.task_done()
 
     async def _run(self, jobs: list[Job], now: float) -> None:
         by_engine: dict[int, list[Job]] = {}
@@ -191,34 +200,47 @@ class Scheduler:
                 job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
                 continue
             by_engine.setdefault(id(job.engine), []).append(job)
-        if any(not isinstance(job.pixels, np.ndarray) for live in by_engine.values() for job in live):
-            by_engine = await self._decode(by_engine)
         # More than one engine only while a swapped-out model still has jobs queued: each runs on its own.
         for live in by_engine.values():
             await self._run_on(live[0].engine, live)
 
-    async def _decode(self, by_engine: dict[int, list[Job]]) -> dict[int, list[Job]]:
-        """Decode the taken jobs that are still bytes; a job whose image fails is answered with its error."""
-        jobs = [job for live in by_engine.values() for job in live]
-        self._decoding += len(jobs)  # counted as about to run: no other worker takes the engine wide meanwhile
+    async def _decode(self) -> None:
+        """A decoder: takes the queue in order, decodes, and hands each image on to the workers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self._queue.get()
+            self._decoding += 1
+            try:
+                if await self._decoded(job, loop.time()):
+                    await self._ready.put(job)  # waits while the workers' next batches are all decoded
+            finally:
+                self._decoding -= 1
+                self._queue.task_done()  # after the put: close() joins this queue, then the ready one
+                self._hooks.on_queue_depth(self._waiting())
+
+    async def _decoded(self, job: Job, now: float) -> bool:
+        """Whether `job` is still to run, with its pixels decoded; if not, it has its answer or nobody waits."""
+        if job.future.done():  # cancelled: the client is gone or gave up
+            return False
+        if now > job.deadline:
+            job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
+            return False
+        if isinstance(job.pixels, np.ndarray):
+            return True
         try:
-            decoded = await asyncio.gather(*(_decoded(job.pixels) for job in jobs), return_exceptions=True)
-        finally:
-            self._decoding -= len(jobs)
-        kept: dict[int, list[Job]] = {}
-        for job, pixels in zip(jobs, decoded, strict=True):
-            if job.future.done():  # the client left while its image was decoded
-                continue
-            if isinstance(pixels, ServiceError):  # the image's own answer (undecodable, too large)
-                job.future.set_result(pixels)
-                continue
-            if isinstance(pixels, BaseException):  # a fault of ours: that request gets a 500
-                log.error("decoding failed", exc_info=pixels)
-                job.future.set_exception(pixels)
-                continue
-            job.pixels = pixels
-            kept.setdefault(id(job.engine), []).append(job)
-        return kept
+            pixels = await job.pixels()
+        except Exception as exc:  # a fault of ours, not the image's: that request gets a 500
+            log.exception("decoding failed")
+            if not job.future.done():
+                job.future.set_exception(exc)
+            return False
+        if job.future.done():  # the client left while its image was decoded
+            return False
+        if isinstance(pixels, ServiceError):  # the image's own answer (undecodable, too large)
+            job.future.set_result(pixels)
+            return False
+        job.pixels = pixels
+        return True
 
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -250,24 +272,25 @@ class Scheduler:
             if not job.future.done():
                 job.future.set_result(row)
 
+    def _waiting(self) -> int:
+        """Images accepted and not yet in the engine: queued, being decoded, or decoded for a worker."""
+        return self._queue.qsize() + self._decoding + self._ready.qsize()
+
     def _idle(self) -> bool:
-        """Nothing in the engine, about to enter it, or waiting."""
-        return self._in_flight == 0 and self._decoding == 0 and self._queue.empty()
+        """Nothing in the engine or waiting to enter it."""
+        return self._in_flight == 0 and self._waiting() == 0
 
     async def close(self) -> None:
         """Refuse new work, answer everything already queued, then stop the workers."""
         self._closing = True
-        await self._queue.join()
+        await self._queue.join()  # every image decoded (or answered without running) and handed on
+        await self._ready.join()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pool.shutdown(wait=True)
-
-
-async def _decoded(pixels: np.ndarray | Decode) -> np.ndarray | ServiceError:
-    return pixels if isinstance(pixels, np.ndarray) else await pixels()
 
 
 class Admission:

@@ -259,8 +259,8 @@ def test_an_expired_job_is_answered_504_and_the_rest_of_its_batch_still_runs(eng
 
 
 def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifier) -> None:
-    # An image queued encoded is decoded when a worker takes it. While it decodes it is about to run: a run
-    # that starts meanwhile is not alone and must not take every core.
+    # An image being decoded is about to run: a run that starts meanwhile is not alone and must not take
+    # every core.
     engine.add_wide_session(2)
     decoding, decoded = asyncio.Event(), asyncio.Event()
 
@@ -270,7 +270,7 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
         return _pixels("red")
 
     async def scenario() -> None:
-        scheduler, metrics = _scheduler(workers=2)
+        scheduler, metrics = _scheduler(workers=2, decoders=2)  # blue passes red while red decodes
         scheduler.start()
         try:
             slow = asyncio.ensure_future(scheduler.infer(engine, [decode_red], TIMEOUT_S))
@@ -308,7 +308,8 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
                 batch = asyncio.ensure_future(
                     scheduler.infer(engine, [_pixels("green"), undecodable, _pixels("blue")], TIMEOUT_S)
                 )
-                await until(lambda: _value(metrics, "inference_queue_depth") == 3, "the three queued")
+                # Decoded ahead of the engine: green and blue wait for the worker, the bad image has its answer.
+                await until(lambda: _value(metrics, "inference_queue_depth") == 2, "green and blue decoded")
             assert _classes(engine, await first) == ["red"]
             green, error, blue = await batch
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
@@ -322,3 +323,52 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
 
     asyncio.run(scenario())
     assert (engine.runs, engine.images) == (3, 4)  # red; green and blue as one batch; dark
+
+
+def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client_left(
+    engine: RecordingClassifier,
+) -> None:
+    # Waiting images stay encoded: only what the workers take next is decoded (WORKERS x MAX_BATCH, plus one
+    # per decoder waiting for room), so the queue does not hold a decoded megabyte per waiting image.
+    decoded: list[str] = []
+
+    def decoder(name: str) -> Callable[[], Awaitable[np.ndarray]]:
+        async def decode() -> np.ndarray:
+            decoded.append(name)
+            return _pixels(name)
+
+        return decode
+
+    names = ["red", "green", "blue", "dark", "red", "green"]
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(workers=1, max_batch=1, decoders=1)
+        scheduler.start()
+        try:
+            with engine.held():
+                running = asyncio.ensure_future(scheduler.infer(engine, [decoder("dark")], TIMEOUT_S))
+                await until(lambda: engine.runs == 1, "a run in the engine")
+                left = asyncio.Event()
+                waiting = [
+                    asyncio.ensure_future(
+                        scheduler.infer(engine, [decoder(name)], TIMEOUT_S, left.wait if i == 5 else None)
+                    )
+                    for i, name in enumerate(names)
+                ]
+                # One in the engine; of the six waiting, one decoded for the worker and one held by the decoder.
+                await until(lambda: len(decoded) == 3, "the decoder to fill the worker's next batch")
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                assert decoded == ["dark", "red", "green"]
+                assert _value(metrics, "inference_queue_depth") == 6
+                left.set()  # the last request's client leaves while its image waits, encoded
+                with pytest.raises(ClientDisconnected):
+                    await waiting[5]
+            assert _classes(engine, await running) == ["dark"]
+            assert [_classes(engine, await request) for request in waiting[:5]] == [[name] for name in names[:5]]
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert decoded == ["dark", *names[:5]], "the image of a client that left was decoded"
+    assert (engine.runs, engine.images) == (6, 6)
