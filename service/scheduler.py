@@ -9,7 +9,7 @@ engine allows); any other run is narrow (one core each: on 2 cores two single-th
 beat one two-threaded run, benchmarks/engine.py and benchmarks/parallelism.py).
 
 An image may be queued undecoded, as a coroutine function that decodes it. DECODERS tasks take the queue in
-order and decode just ahead of the engine into a small ready queue (WORKERS x MAX_BATCH): the cores never
+order and decode just ahead of the engine into a small ready queue (2 x WORKERS x MAX_BATCH): the cores never
 wait for a decoding (it overlaps the runs), yet the queue holds encoded bytes rather than a megabyte of
 float32 pixels per waiting image, and an image whose client left or whose deadline passed while it waited is
 never decoded. (Decoding when a worker took the image, with no overlap, answered 0.84-0.88x as many requests
@@ -84,9 +84,11 @@ class Scheduler:
         self._retry_after = str(retry_after_s)
         self._decoders = decoders
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
-        # Decoded, waiting for a worker: enough for each worker's next batch, so the engine never waits on a
-        # decoding and at most this many decoded images wait (plus one per decoder waiting for room here).
-        self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=workers * max_batch)
+        # Decoded, waiting for a worker: each worker's next two batches, so a slow decoding (a large photo, a
+        # busy event loop) never leaves a core waiting, and at most this many decoded images wait (plus one per
+        # decoder waiting for room here). One batch each answered 0.86x as many requests at 8 clients, 0.90x at
+        # 32 (benchmarks/results/sweep-decode-ahead-32.md).
+        self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=2 * workers * max_batch)
         self._hooks = hooks or SchedulerHooks()
         self._pool = named_pool(workers, "inference")
         self._tasks: list[asyncio.Task[None]] = []

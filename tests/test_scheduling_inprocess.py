@@ -328,8 +328,8 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
 def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client_left(
     engine: RecordingClassifier,
 ) -> None:
-    # Waiting images stay encoded: only what the workers take next is decoded (WORKERS x MAX_BATCH, plus one
-    # per decoder waiting for room), so the queue does not hold a decoded megabyte per waiting image.
+    # Waiting images stay encoded: only what the workers take next is decoded (2 x WORKERS x MAX_BATCH, plus
+    # one per decoder waiting for room), so the queue does not hold a decoded megabyte per waiting image.
     decoded: list[str] = []
 
     def decoder(name: str) -> Callable[[], Awaitable[np.ndarray]]:
@@ -355,11 +355,11 @@ def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client
                     )
                     for i, name in enumerate(names)
                 ]
-                # One in the engine; of the six waiting, one decoded for the worker and one held by the decoder.
-                await until(lambda: len(decoded) == 3, "the decoder to fill the worker's next batch")
+                # One in the engine; of the six waiting, two decoded for the worker and one held by the decoder.
+                await until(lambda: len(decoded) == 4, "the decoder to fill the worker's next batches")
                 for _ in range(20):
                     await asyncio.sleep(0)
-                assert decoded == ["dark", "red", "green"]
+                assert decoded == ["dark", "red", "green", "blue"]
                 assert _value(metrics, "inference_queue_depth") == 6
                 left.set()  # the last request's client leaves while its image waits, encoded
                 with pytest.raises(ClientDisconnected):
