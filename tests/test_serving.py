@@ -214,7 +214,9 @@ def test_a_job_that_expired_in_the_queue_is_answered_504_and_skips_the_engine(ga
                 first = _post(client, "red")
                 await until(lambda: gated.runs == 1, "one request in the engine")
                 second = _post(client, "blue")
-                await until(lambda: sample(app, "inference_queue_depth") == 1, "the second request queued")
+                # Decoded, so waiting for the worker: not still in the decoder when the loop is held below.
+                await until(lambda: sample(app, "image_decode_seconds_count") == 2, "the second request decoded")
+                assert sample(app, "inference_queue_depth") == 1
                 queued_at = time.monotonic()
                 gated.finished.clear()
             # The gate is open. Hold the event loop itself while the engine finishes the first run and the second
