@@ -45,7 +45,7 @@ class Engine(Protocol):
 
 
 Decode = Callable[[], Awaitable["np.ndarray | ServiceError"]]
-"""Decodes one queued image when a worker takes it: its pixels, or the error that answers that image."""
+"""Decodes one queued image when a decoder reaches it: its pixels, or the error that answers that image."""
 
 
 @dataclass
@@ -246,7 +246,7 @@ class Scheduler:
 
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
         loop = asyncio.get_running_loop()
-        pixels = [job.pixels for job in live if isinstance(job.pixels, np.ndarray)]
+        pixels = [job.pixels for job in live if isinstance(job.pixels, np.ndarray)]  # all: decoded ahead
         # One image (the common case unbatched) is passed as a view: no copy of its megabyte on the event loop.
         batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
         # Decided and counted with no await in between: two workers can never both see themselves alone.
