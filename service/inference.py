@@ -2,7 +2,7 @@
 
 Every protocol's endpoints (service/endpoints.py, service/oip.py) only translate their request into a call
 here and the answer back. Here: the model a request is served by (pinned when its images are in, so a hot
-swap never changes it halfway), admission, decoding in the decode pool (when the scheduler takes the image),
+swap never changes it halfway), admission, decoding in the decode pool (just ahead of the engine),
 the deadline, the scheduler, and the client leaving.
 """
 
@@ -68,6 +68,7 @@ class DataPlane:
         self._decode_pool = decode_pool
         self._admission = admission
         self._metrics = metrics
+        self._late = f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)"
         # Requests in progress per model (by id), and models swapped out that some of them still use.
         self._users: dict[int, int] = {}
         self._retired: dict[int, Classifier] = {}
@@ -123,18 +124,17 @@ class DataPlane:
         """Encoded images -> probabilities, each image decoded as the model it is served by expects."""
         self.check_count(len(images))
         encoded = {i: item for i, item in enumerate(images) if isinstance(item, bytes)}
-        good = list(encoded)
         results: list[np.ndarray | ServiceError] = [
             item if isinstance(item, ServiceError) else np.empty(0) for item in images
         ]
-        if not good:
+        if not encoded:
             return Answer(self.model, results)
-        with self._admission.admit(len(good)), self._pinned() as model:
-            # Queued encoded: each image is decoded (in the decode pool, never on the event loop) only when a
-            # worker takes it, so waiting images cost their bytes, not their pixels.
+        with self._admission.admit(len(encoded)), self._pinned() as model:
+            # Queued encoded: the scheduler's decoders decode each image (in the decode pool, never on the event
+            # loop) just ahead of the engine, so waiting images cost their bytes, not their pixels.
             decoders = [functools.partial(self._decode, data, model) for data in encoded.values()]
             rows = await self._infer(model, decoders, deadline, gone)
-            for i, row in zip(good, rows, strict=True):
+            for i, row in zip(encoded, rows, strict=True):
                 results[i] = row
         return Answer(model, results)
 
@@ -159,8 +159,7 @@ class DataPlane:
     async def _infer(
         self, model: Classifier, pixels: Sequence[np.ndarray | Decode], deadline: float, gone: Gone | None
     ) -> list[np.ndarray | ServiceError]:
-        late = f"no answer within {self.settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise DeadlineExceeded(late)
-        return await self._scheduler.infer(model, pixels, remaining, gone, late)
+            raise DeadlineExceeded(self._late)
+        return await self._scheduler.infer(model, pixels, remaining, gone, self._late)
