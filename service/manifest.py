@@ -31,7 +31,11 @@ class ManifestError(ValueError):
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        # Large chunks: at start-up this runs on the loader thread while the main thread imports the web stack,
+        # and each read and update gives up the GIL and waits up to the 5 ms switch interval to get it back. In
+        # 1 MiB chunks the loader ended 23 ms later; launch to first answer 0.923 of that in 16 MiB chunks
+        # (benchmarks/results/cold-start-variants.md, startup_phases.md).
+        for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
