@@ -2,6 +2,7 @@
 
     python -m benchmarks.saturation              # 5 rounds, about 6 minutes
     python -m benchmarks.saturation --rounds 2 --seconds 5
+    python -m benchmarks.saturation --naive      # the naive reference server under the same load too
 
 The machines are shared and their speed drifts by 10-20% within minutes, so one ceiling at the start of a
 long run is a weak yardstick. Each round here measures, back to back on the same cores:
@@ -12,9 +13,12 @@ long run is a weak yardstick. Each round here measures, back to back on the same
    own code (no HTTP), i.e. the most the service could reach if HTTP and the load generator were free,
 3. the service under Locust (same JPEGs, multipart, 8 users), with Locust on the same cores; its rate is
    taken over a steady-state window counted by the service itself (benchmarks/window.py),
-4. the engine ceiling again.
+4. with --naive: the naive reference server (benchmarks/baselines/naive_server.py) under the same Locust load,
+   its rate by Locust's count: whether "1.2x the naive server" (issue 12) fits under the engine-with-decoding
+   bound at all (2: no HTTP, no load generator on the cores),
+5. the engine ceiling again.
 
-Ratios in a round are against the mean of 1 and 4; the result is the median over rounds. An uncounted engine
+Ratios in a round are against the mean of 1 and 5; the result is the median over rounds. An uncounted engine
 phase comes first, so round 0 does not pay for cold caches.
 
 Each phase also records CPU milliseconds per image (engine) or per answered request (service, by thread:
@@ -37,7 +41,8 @@ import numpy as np
 
 from benchmarks import engine, payloads, window
 from benchmarks.report import provenance, save
-from benchmarks.run import ROOT, service_under_load
+from benchmarks.run import ROOT, Profile, _free_port, locust, service_under_load, start, stop, warm_up
+from benchmarks.sweep import NAIVE, Contender
 from service.cpus import available_cpus
 from service.imaging import preprocess
 from service.manifest import Manifest
@@ -50,14 +55,27 @@ def _ceiling(artifact: Path, inputs: np.ndarray, cores: int, seconds: float) -> 
     return max(runs, key=lambda r: float(r["images_per_s"]))
 
 
+def naive_under_load(images: list[bytes], seconds: int, work: Path, tag: str, users: int = 8) -> dict[str, Any]:
+    """The naive reference server, warmed up, then `users` Locust users for `seconds`: Locust's summary."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process, _ = start(Contender(NAIVE).system(port), url, images[0], work / f"{tag}.log")
+    try:
+        warm_up(url, images, users, 3)
+        return locust(url, Profile(users=users, duration_s=seconds, warmup_s=0, engine_s=0), users, work / tag)
+    finally:
+        stop(process)
+
+
 def _round(
-    index: int, inputs: np.ndarray, images: list[bytes], seconds: float, load_s: int, work: Path
+    index: int, inputs: np.ndarray, images: list[bytes], seconds: float, load_s: int, work: Path, naive: bool
 ) -> dict[str, Any]:
     artifact = ROOT / "artifacts"
     cores = available_cpus()
     before = _ceiling(artifact, inputs, cores, seconds)
     decoding = engine.with_decoding(artifact, images, cores, seconds)
     load = service_under_load({}, images, load_s, work, f"round-{index}")
+    baseline = naive_under_load(images, load_s, work, f"round-{index}-naive") if naive else None
     after = _ceiling(artifact, inputs, cores, seconds)
     ceiling = (before["images_per_s"] + after["images_per_s"]) / 2
     engine_cpu = (before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2
@@ -87,6 +105,15 @@ def _round(
         "service (Locust's count) / engine": round(load["ok_per_s"] / ceiling, 3),
         "engine CPU per image / service CPU per request": round(engine_cpu / cpu["all"], 3),
     }
+    if baseline is not None:
+        rate = baseline["ok_per_s"]
+        row |= {
+            "naive_locust_ok_per_s": rate,
+            "naive_errors": baseline["errors"],
+            "naive / engine with decoding": round(rate / decoding["images_per_s"], 3),
+            "1.2 x naive / engine with decoding": round(1.2 * rate / decoding["images_per_s"], 3),
+            "service (Locust's count) / naive": round(load["ok_per_s"] / rate, 3) if rate else None,
+        }
     print(json.dumps(row), flush=True)
     return row
 
@@ -97,6 +124,11 @@ RATIOS = (
     "service / engine with decoding",
     "service (Locust's count) / engine",
     "engine CPU per image / service CPU per request",
+)
+NAIVE_RATIOS = (
+    "naive / engine with decoding",
+    "1.2 x naive / engine with decoding",
+    "service (Locust's count) / naive",
 )
 CPU_PARTS = ("inference", "decode", "event loop", "load generator", "all")
 
@@ -121,6 +153,23 @@ def markdown(result: dict[str, Any]) -> list[str]:
             f"{r['engine_after']} | " + " | ".join(str(r[k]) for k in RATIOS) + " |"
         )
     lines.append("| **median** | | | | | " + " | ".join(f"**{median[k]}**" for k in RATIOS) + " |")
+    if "naive / engine with decoding" in median:
+        lines += [
+            "",
+            "The naive reference server under the same load (`--naive`), by Locust's count. Where 1.2 x naive / engine "
+            "with decoding is above 1, 1.2x the naive server is more than the engine alone can do with decoding, "
+            "without HTTP and without Locust on the cores:",
+            "",
+            "| round | naive answered/s (Locust) | naive errors | " + " | ".join(NAIVE_RATIOS) + " |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["rounds"]:
+            lines.append(
+                f"| {r['round']} | {r['naive_locust_ok_per_s']} | {r['naive_errors']} | "
+                + " | ".join(str(r[k]) for k in NAIVE_RATIOS)
+                + " |"
+            )
+        lines.append("| **median** | | | " + " | ".join(f"**{median[k]}**" for k in NAIVE_RATIOS) + " |")
     lines += [
         "",
         "CPU milliseconds per image (engine) and per answered request (service, by thread, and the Locust process):",
@@ -151,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-seconds", type=int, default=20, help="each service phase")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="saturation")
+    parser.add_argument("--naive", action="store_true", help="the naive reference server under the same load too")
     args = parser.parse_args(argv)
     if args.load_seconds < window.SETTLE_S + window.TAIL_S + 4:
         minimum = window.SETTLE_S + window.TAIL_S + 4
@@ -161,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = np.stack([preprocess(b, spec, 10**9) for b in images[:16]])
     engine.concurrent(ROOT / "artifacts", inputs, available_cpus(), args.seconds)  # uncounted: warms the caches
     with tempfile.TemporaryDirectory(prefix="saturation-") as tmp:
-        rounds = [_round(i, inputs, images, args.seconds, args.load_seconds, Path(tmp)) for i in range(args.rounds)]
+        work, naive = Path(tmp), args.naive
+        rounds = [_round(i, inputs, images, args.seconds, args.load_seconds, work, naive) for i in range(args.rounds)]
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m benchmarks.saturation", *given])
     result = {
@@ -169,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "load_s": args.load_seconds,
         "rounds": rounds,
-        "median": {k: round(statistics.median(r[k] for r in rounds), 3) for k in RATIOS},
+        "median": {
+            k: round(statistics.median(r[k] for r in rounds), 3)
+            for k in (*RATIOS, *(NAIVE_RATIOS if args.naive else ()))
+            if all(r.get(k) is not None for r in rounds)
+        },
         "median_cpu_ms": {
             **{
                 k: round(statistics.median(r["cpu_ms"][k] for r in rounds), 2)

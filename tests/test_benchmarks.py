@@ -85,8 +85,9 @@ def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
 
 def test_saturation_rounds_run(tmp_path: Path) -> None:
     data = _run_benchmark(
-        "saturation", "--rounds", "1", "--seconds", "1", "--load-seconds", "11", out=tmp_path, result="saturation"
-    )
+        "saturation", "--rounds", "1", "--seconds", "1", "--load-seconds", "11", "--naive",
+        out=tmp_path, result="saturation",
+    )  # fmt: skip
     (row,) = data["rounds"]
     assert row["service_answered_per_s"] > 0 and row["service_locust_ok_per_s"] > 0, row
     assert row["service_errors"] == 0, row
@@ -97,14 +98,22 @@ def test_saturation_rounds_run(tmp_path: Path) -> None:
         "service / engine with decoding",
         "service (Locust's count) / engine",
         "engine CPU per image / service CPU per request",
+        "naive / engine with decoding",
+        "1.2 x naive / engine with decoding",
+        "service (Locust's count) / naive",
     }
+    # --naive: the naive reference server under the same load, against the engine-with-decoding bound.
+    assert row["naive_locust_ok_per_s"] > 0 and row["naive_errors"] == 0, row
+    bound = row["naive_locust_ok_per_s"] / row["engine_with_decoding"]
+    assert row["1.2 x naive / engine with decoding"] == pytest.approx(1.2 * bound, abs=0.002), row
     cpu = row["cpu_ms"]
     assert cpu["engine per image"] > 0 and cpu["engine with decoding per image"] > cpu["engine per image"] * 0.5
     # The service's CPU is found by thread: the engine's work is on the inference threads, the JPEGs on decode.
     service = cpu["service per request"]
     assert service["inference"] > service["decode"] > 0, service
     assert service["event loop"] > 0 and service["load generator"] > 0, service
-    assert "**median**" in (tmp_path / "saturation.md").read_text()
+    page = (tmp_path / "saturation.md").read_text()
+    assert "**median**" in page and "naive answered/s (Locust)" in page
 
 
 @pytest.fixture
@@ -253,7 +262,18 @@ def test_collecting_this_module_leaves_the_test_process_unpatched() -> None:
 
 
 def test_startup_phases_are_timed(tmp_path: Path) -> None:
-    steps = _run_benchmark("startup_phases", "--processes", "1", out=tmp_path, result="startup_phases")["steps"]
+    data = _run_benchmark("startup_phases", "--processes", "1", out=tmp_path, result="startup_phases")
+    steps = data["steps"]
+    # Overlapped as `python -m service` runs them: each mark after the ones it waits for.
+    (ended,) = data["overlapped_runs"]
+    imported, loaded, web, decoded, both = (
+        ended["numpy and onnxruntime imported (service.model)"],
+        ended["loader: artifact hashed, session built, warm-up run done"],
+        ended["main: web stack imported"],
+        ended["main: first decode done"],
+        ended["both done: the service starts uvicorn"],
+    )
+    assert 0 < imported < web < decoded <= both and imported < loaded <= both, ended
     assert len(steps) == 9 and all(0 < s["min"] <= s["median"] <= s["max"] for s in steps.values()), steps
     assert {"build the session", "warm-up run", "first decode of a JPEG"} <= set(steps)
     assert "build the session" in (tmp_path / "startup_phases.md").read_text()
