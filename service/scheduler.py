@@ -74,7 +74,7 @@ class Scheduler:
         max_batch: int,
         batch_wait_s: float,
         max_queue: int,
-        decoders: int = 1,
+        decoders: int,
         retry_after_s: int = 1,
         hooks: SchedulerHooks | None = None,
     ) -> None:

@@ -58,7 +58,8 @@ def engine(tiny_artifact: Path) -> RecordingClassifier:
 
 def _scheduler(**settings: Any) -> tuple[Scheduler, Metrics]:
     metrics = Metrics()
-    options: dict[str, Any] = {"workers": 1, "max_batch": 1, "batch_wait_s": 0.0, "max_queue": 8, **settings}
+    options: dict[str, Any] = {"workers": 1, "max_batch": 1, "batch_wait_s": 0.0, "max_queue": 8, "decoders": 1}
+    options |= settings
     return Scheduler(**options, hooks=metrics.scheduler_hooks()), metrics
 
 
@@ -290,7 +291,7 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
 
 
 def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_run(
-    engine: RecordingClassifier,
+    engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def undecodable() -> InvalidImage:
         return InvalidImage("not an image")
@@ -323,6 +324,9 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
 
     asyncio.run(scenario())
     assert (engine.runs, engine.images) == (3, 4)  # red; green and blue as one batch; dark
+    # The fault is in the log with its traceback: the operator's only trace of a 500 that is not the image's.
+    faults = [r for r in caplog.records if r.name == "service.scheduler" and r.exc_info]
+    assert [r.getMessage() for r in faults] == ["decoding failed"], caplog.text
 
 
 def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client_left(
@@ -372,3 +376,103 @@ def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client
     asyncio.run(scenario())
     assert decoded == ["dark", *names[:5]], "the image of a client that left was decoded"
     assert (engine.runs, engine.images) == (6, 6)
+
+
+def test_two_workers_taking_batches_of_two_have_eight_images_decoded_ahead(engine: RecordingClassifier) -> None:
+    # The bound is 2 x WORKERS x MAX_BATCH images waiting decoded (plus one the decoder holds until there is
+    # room): enough for each worker's next two batches, whatever the settings, and no more.
+    decoded: list[int] = []
+
+    def decoder(i: int) -> Callable[[], Awaitable[np.ndarray]]:
+        async def decode() -> np.ndarray:
+            decoded.append(i)
+            return _pixels("red")
+
+        return decode
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(workers=2, max_batch=2, decoders=1, max_queue=16)
+        scheduler.start()
+        try:
+            with engine.held():
+                busy = [_infer(scheduler, engine, ["dark"]) for _ in range(2)]
+                await until(lambda: engine.runs == 2, "both workers in the engine")
+                waiting = asyncio.ensure_future(scheduler.infer(engine, [decoder(i) for i in range(12)], TIMEOUT_S))
+                await until(lambda: len(decoded) == 9, "the decoder to fill both workers' next two batches")
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                assert decoded == list(range(9))
+                assert _value(metrics, "inference_queue_depth") == 12
+            for request in busy:
+                assert _classes(engine, await request) == ["dark"]
+            assert _classes(engine, await waiting) == ["red"] * 12
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert decoded == list(range(12))
+    assert engine.images == 14
+
+
+def test_close_ends_every_task_start_began(engine: RecordingClassifier) -> None:
+    async def scenario() -> None:
+        scheduler, _ = _scheduler(workers=2, decoders=2)
+        before = asyncio.all_tasks()
+        scheduler.start()
+        began = asyncio.all_tasks() - before
+        # Named, so a dump of the event loop's tasks says which is which.
+        names = ["decoder-0", "decoder-1", "inference-worker-0", "inference-worker-1"]
+        assert sorted(task.get_name() for task in began) == names
+        assert _classes(engine, await _infer(scheduler, engine, ["red"])) == ["red"]
+        await scheduler.close()
+        assert [task.get_name() for task in began if not task.done()] == []
+
+    asyncio.run(scenario())
+
+
+def test_past_its_timeout_a_request_is_told_how_long_it_waited(engine: RecordingClassifier) -> None:
+    async def scenario() -> None:
+        scheduler, _ = _scheduler()
+        scheduler.start()
+        try:
+            with engine.held():
+                running = _infer(scheduler, engine, ["red"])
+                await until(lambda: engine.runs == 1, "a run in the engine")
+                with pytest.raises(DeadlineExceeded, match=r"^no answer within 0\.05 s$"):
+                    await scheduler.infer(engine, [_pixels("green")], 0.05)
+                with pytest.raises(DeadlineExceeded, match=r"^too late \(REQUEST_TIMEOUT_S\)$"):
+                    await scheduler.infer(engine, [_pixels("blue")], 0.05, late="too late (REQUEST_TIMEOUT_S)")
+            assert _classes(engine, await running) == ["red"]
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert engine.images == 1  # the two that timed out in the queue never ran
+
+
+def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_never_decoded(
+    engine: RecordingClassifier,
+) -> None:
+    decoded: list[str] = []
+
+    async def decode() -> np.ndarray:
+        decoded.append("red")
+        return _pixels("red")
+
+    async def scenario() -> None:
+        scheduler, _ = _scheduler()
+        scheduler.start()
+        try:
+            await asyncio.sleep(0)  # the decoder now waits on the empty queue
+            request = asyncio.ensure_future(scheduler.infer(engine, [decode], 0.05))
+            await asyncio.sleep(0)  # the request queues its image, which wakes the decoder on the next turn
+            # The event loop held past the deadline: the decoder, woken first, takes the image before the
+            # request's own timer fires, and answers it without decoding it.
+            time.sleep(0.1)
+            with pytest.raises(DeadlineExceeded, match="^the request expired in the queue$"):
+                await request
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert decoded == [] and engine.runs == 0
