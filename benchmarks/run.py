@@ -306,24 +306,40 @@ def measure_system(
     return result
 
 
+def under_load(
+    system_on: Callable[[int], System],
+    images: list[bytes],
+    seconds: int,
+    work: Path,
+    tag: str,
+    users: int = 8,
+    during: Callable[[str, int, int], Any] | None = None,
+) -> dict[str, Any]:
+    """A fresh server (`system_on(port)`), warmed up, then `users` Locust users for `seconds`: Locust's summary,
+    plus what `during(url, server_pid, locust_pid)` returns while Locust runs, if given."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process, _ = start(system_on(port), url, images[0], work / f"{tag}.log")
+    try:
+        warm_up(url, images, users, 3)
+        profile = Profile(users=users, duration_s=seconds, warmup_s=0, engine_s=0)
+        observe = (lambda pid: during(url, process.pid, pid)) if during is not None else None
+        return locust(url, profile, users, work / tag, during=observe)
+    finally:
+        stop(process)
+
+
 def service_under_load(
     env: dict[str, str], images: list[bytes], seconds: int, work: Path, tag: str, users: int = 8, code: Path = ROOT
 ) -> dict[str, Any]:
     """A fresh `python -m service` from `code` on the committed artifact (plus `env`), warmed up, then `users`
     Locust users for `seconds`, with its steady-state window (benchmarks/window.py). Locust's summary + "window"."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
-    system = System(tag, [sys.executable, "-m", "service"], base | env, cwd=code)
-    process, _ = start(system, url, images[0], work / f"{tag}.log")
-    try:
-        warm_up(url, images, users, 3)
-        profile = Profile(users=users, duration_s=seconds, warmup_s=0, engine_s=0)
-        return locust(
-            url, profile, users, work / tag, during=lambda pid: window.measure(url, process.pid, pid, seconds)
-        )
-    finally:
-        stop(process)
+
+    def system_on(port: int) -> System:
+        base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+        return System(tag, [sys.executable, "-m", "service"], base | env, cwd=code)
+
+    return under_load(system_on, images, seconds, work, tag, users, during=partial(window.measure, duration_s=seconds))
 
 
 def venv_size_mb(requirements: Path, work: Path) -> float:

@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks import engine, payloads, window
 from benchmarks.report import provenance, save
-from benchmarks.run import ROOT, Profile, _free_port, locust, service_under_load, start, stop, warm_up
+from benchmarks.run import ROOT, service_under_load, under_load
 from benchmarks.sweep import NAIVE, Contender
 from service.cpus import available_cpus
 from service.imaging import preprocess
@@ -55,18 +55,6 @@ def _ceiling(artifact: Path, inputs: np.ndarray, cores: int, seconds: float) -> 
     return max(runs, key=lambda r: float(r["images_per_s"]))
 
 
-def naive_under_load(images: list[bytes], seconds: int, work: Path, tag: str, users: int = 8) -> dict[str, Any]:
-    """The naive reference server, warmed up, then `users` Locust users for `seconds`: Locust's summary."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    process, _ = start(Contender(NAIVE).system(port), url, images[0], work / f"{tag}.log")
-    try:
-        warm_up(url, images, users, 3)
-        return locust(url, Profile(users=users, duration_s=seconds, warmup_s=0, engine_s=0), users, work / tag)
-    finally:
-        stop(process)
-
-
 def _round(
     index: int, inputs: np.ndarray, images: list[bytes], seconds: float, load_s: int, work: Path, naive: bool
 ) -> dict[str, Any]:
@@ -75,7 +63,7 @@ def _round(
     before = _ceiling(artifact, inputs, cores, seconds)
     decoding = engine.with_decoding(artifact, images, cores, seconds)
     load = service_under_load({}, images, load_s, work, f"round-{index}")
-    baseline = naive_under_load(images, load_s, work, f"round-{index}-naive") if naive else None
+    baseline = under_load(Contender(NAIVE).system, images, load_s, work, f"round-{index}-naive") if naive else None
     after = _ceiling(artifact, inputs, cores, seconds)
     ceiling = (before["images_per_s"] + after["images_per_s"]) / 2
     engine_cpu = (before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2
