@@ -35,8 +35,7 @@ def main() -> int:
         except ArtifactError as exc:
             print(f"service: cannot serve the artifact in {settings.model_dir}: {exc}", file=sys.stderr)
             return 3
-    serve(settings, classifier)
-    return 0
+    return serve(settings, classifier)
 
 
 if __name__ == "__main__":

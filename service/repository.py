@@ -127,7 +127,12 @@ class Repository:
             await self.load()
 
     async def close(self) -> None:
+        """Stop the background work: a server that is stopping needs no wide session and no new model. (Waited
+        for instead, a wide session that waits for a first answer kept a server that never answered one from
+        ever exiting: SIGTERM before any request, or a port already in use.)"""
         if self._sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         while self._tasks:
+            for task in self._tasks:
+                task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

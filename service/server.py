@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.config import STARTUP_FAILURE
 
 from service.app import create_app
 from service.model import Classifier
@@ -33,7 +35,11 @@ class Server(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(settings: Settings, classifier: Classifier) -> None:
+CANNOT_LISTEN = 4  # the exit code when uvicorn cannot start; its own, 3, says a bad artifact here
+
+
+def serve(settings: Settings, classifier: Classifier) -> int:
+    """Serve until a signal drains and stops the server; the process's exit code."""
     app = create_app(settings, classifier)
     config = uvicorn.Config(
         app,
@@ -48,4 +54,12 @@ def serve(settings: Settings, classifier: Classifier) -> None:
         timeout_keep_alive=settings.timeout_keep_alive_s,
         server_header=False,
     )
-    Server(config, app).run()
+    try:
+        Server(config, app).run()
+    except SystemExit as exc:
+        if exc.code != STARTUP_FAILURE:
+            raise
+        # uvicorn has logged why (a port in use, an address it cannot bind) and stopped the lifespan.
+        print(f"service: cannot serve on {settings.host}:{settings.port}: see the error above", file=sys.stderr)
+        return CANNOT_LISTEN
+    return 0

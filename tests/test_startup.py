@@ -1,17 +1,19 @@
-"""Start-up: a bad artifact stops `python -m service` with one clear line and exit code 3, a bad setting with 2."""
+"""Start-up: a bad artifact stops `python -m service` with one clear line and exit code 3, a bad setting with 2,
+a port it cannot listen on with 4; a SIGTERM before the first request ends it at once, with 0."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, write_unrunnable_model
+from tests.helpers import ROOT, free_port, start_service, write_unrunnable_model
 
 
 def _start(model_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -27,7 +29,7 @@ def _copy(tiny_artifact: Path, tmp_path: Path) -> Path:
     return target
 
 
-BAD_SETTING, BAD_ARTIFACT = 2, 3  # the exit codes the README documents
+BAD_SETTING, BAD_ARTIFACT, CANNOT_LISTEN = 2, 3, 4  # the exit codes the README documents
 
 
 def _assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str, code: int = BAD_ARTIFACT) -> None:
@@ -113,6 +115,29 @@ def test_bad_setting(tiny_artifact: Path, key: str, value: str) -> None:
 
 def test_a_bad_setting_is_reported_before_the_artifact_is_read(tmp_path: Path) -> None:
     _assert_clean_failure(_start(tmp_path / "nothing-here", THREADS="0"), "THREADS", code=BAD_SETTING)
+
+
+# THREADS=2 on any machine: a wide session, whose build waits for the first answer, is then in the background
+# when the server stops. Waited for, it kept a server that never answered from ever exiting.
+
+
+def test_a_port_in_use_is_a_clear_error_and_an_exit_at_once(tiny_artifact: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _start(tiny_artifact, PORT=str(port), THREADS="2")
+    _assert_clean_failure(result, "address already in use", f"cannot serve on 127.0.0.1:{port}", code=CANNOT_LISTEN)
+
+
+def test_sigterm_before_any_request_exits_0_at_once(tiny_artifact: Path, tmp_path: Path) -> None:
+    server = start_service(tiny_artifact, tmp_path / "service.log", THREADS="2")
+    try:
+        server.process.terminate()
+        assert server.process.wait(timeout=30) == 0, server.output()
+    finally:
+        server.process.kill()
+        server.process.wait()
 
 
 @pytest.mark.parametrize(
