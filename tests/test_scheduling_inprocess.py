@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage, Overloaded
 from service.metrics import Metrics
 from service.scheduler import Job, Scheduler
 from tests.helpers import GatedClassifier, until
@@ -476,3 +476,34 @@ def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_nev
 
     asyncio.run(scenario())
     assert decoded == [] and engine.runs == 0
+
+
+def test_images_a_decoder_holds_count_against_the_queue_bound(engine: RecordingClassifier) -> None:
+    # MAX_QUEUE bounds the images accepted and not yet in the engine, those being decoded included: two images
+    # in the decoders fill a queue of two, so a third is refused at once, however empty the queue itself looks.
+    decoding: list[int] = []
+    release = asyncio.Event()
+
+    async def held_decode() -> np.ndarray:
+        decoding.append(1)
+        await release.wait()
+        return _pixels("red")
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(max_queue=2, decoders=2)
+        scheduler.start()
+        try:
+            first = asyncio.ensure_future(scheduler.infer(engine, [held_decode, held_decode], TIMEOUT_S))
+            await until(lambda: len(decoding) == 2, "both images in the decoders")
+            assert _value(metrics, "inference_queue_depth") == 2
+            with pytest.raises(Overloaded, match="queue is full"):
+                await scheduler.infer(engine, [_pixels("blue")], 1.0)  # accepted, it would wait and time out
+            release.set()
+            assert _classes(engine, await first) == ["red", "red"]
+            assert _value(metrics, "inference_queue_depth") == 0
+        finally:
+            release.set()  # close() answers what is queued: the decoders must not stay held
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert engine.images == 2  # the refused image never ran
