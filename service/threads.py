@@ -7,7 +7,6 @@ Python 3.11 names threads for itself only; `top -H`, `ps -L`, /proc and the benc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,9 @@ def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The process's own symbols, libc's among them. find_library("c") ran `ldconfig -p` in a subprocess at
+        # import, on the path to the first answer.
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
