@@ -227,6 +227,24 @@ def test_sweep_quick_writes_every_point_both_sets_and_the_plot(tmp_path: Path) -
     assert (tmp_path / "sweep-quick.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_lone_request_alternates_blocks_and_says_where_the_time_goes(tmp_path: Path) -> None:
+    args = ("--rounds", "3", "--block", "3", "--warmup", "2")
+    data = _run_benchmark("lone_request", *args, out=tmp_path, result="lone-request")
+    assert [s["system"] for s in data["systems"]] == ["service", "naive"]
+    # Each round sends a block to each system, in the order reversed from one round to the next.
+    assert [list(r) for r in data["rounds"]] == [["service", "naive"], ["naive", "service"], ["service", "naive"]]
+    for system in data["systems"]:
+        assert system["requests"] == 9 and 0 < system["p50_ms"] <= system["p90_ms"], system
+        assert sum(system["cpu_ms_per_request"].values()) > 0, system
+    ours = data["systems"][0]
+    assert set(ours["inside_ms"]) == {"decode_ms", "engine_run_ms", "request_ms"}
+    assert all(value > 0 for value in ours["inside_ms"].values()), ours
+    assert "inside_ms" not in data["systems"][1]
+    (ratio,) = data["ratios"]
+    assert ratio["system"] == "service" and len(ratio["rounds"]) == 3 and ratio["p50 / naive, median of rounds"] > 0
+    assert "**Ours / naive**" in (tmp_path / "lone-request.md").read_text()
+
+
 def test_sweep_sorts_failures_by_kind(tmp_path: Path) -> None:
     # The messages benchmarks/locustfile.py gives response.failure(), in Locust's failures file as Locust writes
     # them (the repr of a CatchResponseError), then in the locustfile's own final count, which wins.
