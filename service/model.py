@@ -45,6 +45,12 @@ def session_options(threads: int, *, spinning: bool = False) -> ort.SessionOptio
     # Only the wide session, which runs a request that is alone, spins (benchmarks/parallelism.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if spinning:
+        # Spinning between a run's operators, not between runs: a lone request's idle wide thread would spin
+        # on through the next request's HTTP and decoding. 6.5-8.7 ms less CPU per lone request in that thread
+        # (22-27%; a pod's CPU limit counts it), latency the same within the spread (benchmarks/results/
+        # lone-request-forcestop-*.md, sweep-forcestop.md).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     # A memory pattern reserves one block per concurrent run for all of a run's tensors; without it, runs take
     # tensors from the shared arena and reuse each other's freed chunks: 6-7 MB less with two runs side by side,
     # the same CPU per run (narrow 32.7-33.8 vs 28.9-34.4 ms; wide lone run 26.1/24.7 vs 26.6/24.5 ms).

@@ -58,6 +58,11 @@ def test_a_request_alone_runs_on_every_core(gated: GatedClassifier) -> None:
     # What the counter calls wide is a session that really has every core, and narrow one that has one.
     assert gated.wide is not None and gated.wide_threads == 2
     assert gated.session.get_session_options().intra_op_num_threads == 1
+    # The wide session's threads spin between a run's operators and sleep between runs; the narrow never spin.
+    wide, narrow = gated.wide.get_session_options(), gated.session.get_session_options()
+    assert wide.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert wide.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert narrow.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_requests_side_by_side_run_on_one_core_each(gated: GatedClassifier) -> None:
