@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks import payloads
 from benchmarks.ab import Variant, add_variant_option, alternating, service_code
 from benchmarks.report import command_line, provenance, save
-from benchmarks.run import ROOT, System, _free_port, start, stop
+from benchmarks.run import System, _free_port, local_env, start, stop
 from benchmarks.sweep import NAIVE, Contender
 
 HERE = Path(__file__).resolve().parent
@@ -44,8 +44,7 @@ def _time_to_first_answer(system: System, port: int, image: bytes, log: Path) ->
 def launch(variant: Variant, where: Path, image: bytes, log: Path) -> float:
     """Seconds from launching the service to its first answered /infer; the server is stopped after."""
     port = _free_port()
-    env = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
-    system = System(variant.label, [sys.executable, "-m", "service"], env | variant.env, cwd=where)
+    system = System(variant.label, [sys.executable, "-m", "service"], local_env(port) | variant.env, cwd=where)
     return _time_to_first_answer(system, port, image, log)
 
 

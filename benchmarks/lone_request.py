@@ -10,9 +10,9 @@ two. Here every system is launched once and kept warm, and one client sends a bl
 turn (the order reversed every round), so each round's ratio compares like with like. The client is a plain
 keep-alive HTTP client, sequential, no think time: nothing else runs on the cores.
 
-Beside the client's latencies, each system's CPU per request by OS thread (/proc/PID/task: the event loop's
-thread, our named decode_N and inference_N threads, and the unnamed ones: onnxruntime's intra-op pool, the
-naive server's thread pool), and for ours where the time goes inside the server (its /metrics: decoding,
+Beside the client's latencies, each system's CPU per request by what its threads do (benchmarks/cpu.py: the
+event loop, our decode and inference threads, and the others: onnxruntime's intra-op pool, the naive
+server's thread pool), and for ours where the time goes inside the server (its /metrics: decoding,
 the engine run, the whole request). Writes results/<name>.{json,md}.
 """
 
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,13 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks import payloads
+from benchmarks import cpu, payloads
 from benchmarks.ab import Variant, alternating, parse_variant, service_code
 from benchmarks.report import command_line, provenance, save
 from benchmarks.run import _free_port, multipart_request, start, stop
 from benchmarks.sweep import Contender, contenders
 
 HERE = Path(__file__).resolve().parent
-CLOCK_TICK_MS = 10.0  # /proc/PID/task/TID/stat counts CPU in clock ticks of 1/100 s on Linux
 # Our service's histograms whose mean is where a request's time goes inside the server.
 INSIDE = {
     "decode_ms": ("image_decode_seconds", {}),
@@ -55,31 +53,6 @@ class Running:
     url: str
     client: httpx.Client
     latencies_ms: list[float]
-
-
-def thread_cpu_ms(pid: int) -> dict[str, float]:
-    """CPU used so far by each thread of `pid`, as "main", the OS thread name (decode_0), or "unnamed #TID"."""
-    used: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended between listing and reading
-            continue
-        if task.name == str(pid):
-            name = "main"
-        elif name.startswith("python"):
-            name = f"unnamed #{task.name}"
-        used[name] = (int(fields[11]) + int(fields[12])) * CLOCK_TICK_MS  # utime + stime
-    return used
-
-
-def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
-    """Each thread's CPU over the measured requests, per request; the unnamed threads summed as one group."""
-    groups: Counter[str] = Counter()
-    for name, used in after.items():
-        groups["unnamed threads" if name.startswith("unnamed") else name] += used - before.get(name, 0.0)
-    return {name: round(used / requests, 2) for name, used in sorted(groups.items()) if used > 0}
 
 
 def histogram_sums(text: str) -> dict[str, tuple[float, float]]:
@@ -115,6 +88,13 @@ def post(running: Running, image: bytes) -> float:
     return elapsed
 
 
+def _cpu_ms(before: cpu.Snapshot, after: cpu.Snapshot, requests: int) -> dict[str, float]:
+    """CPU per request by what the threads do (benchmarks/cpu.py: "other" is onnxruntime's intra-op pool and
+    the naive server's thread pool), and the server's total; no load generator is watched here."""
+    used = cpu.per_item_ms(before, after, requests)
+    return {k: v for k, v in used.items() if k not in ("load generator", "all") and v > 0}
+
+
 def _p50(values: list[float]) -> float:
     return round(statistics.median(values), 2)
 
@@ -124,7 +104,7 @@ def measure(systems: list[Running], images: list[bytes], rounds: int, block: int
         for i in range(warmup):
             post(running, images[i % len(images)])
     ours = [r for r in systems if r.contender.variant is not None]
-    cpu_before = {r.contender.name: thread_cpu_ms(r.process.pid) for r in systems}
+    cpu_before = {r.contender.name: cpu.snapshot(r.process.pid) for r in systems}
     metrics_before = {r.contender.name: histogram_sums(r.client.get(f"{r.url}/metrics").text) for r in ours}
     per_round: list[dict[str, float]] = []
     for round_index in range(rounds):
@@ -144,7 +124,7 @@ def measure(systems: list[Running], images: list[bytes], rounds: int, block: int
             "p50_ms": _p50(running.latencies_ms),
             "mean_ms": round(statistics.fmean(running.latencies_ms), 2),
             "p90_ms": round(statistics.quantiles(running.latencies_ms, n=10)[-1], 2),
-            "cpu_ms_per_request": cpu_per_request(cpu_before[name], thread_cpu_ms(running.process.pid), requests),
+            "cpu_ms_per_request": _cpu_ms(cpu_before[name], cpu.snapshot(running.process.pid), requests),
         }
         if running in ours:
             after = histogram_sums(running.client.get(f"{running.url}/metrics").text)
@@ -174,7 +154,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"sequential keep-alive client, image set **{result['set']}** ({', '.join(result['sizes'])}; 48 JPEGs). "
         "Latency is the client's, from sending the request to reading the whole answer.",
         "",
-        "| system | requests | p50 ms | mean ms | p90 ms | CPU ms per request, by thread "
+        "| system | requests | p50 ms | mean ms | p90 ms | CPU ms per request, by role "
         "| inside the server (ours: /metrics means) |",
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -237,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         **measured,
     }
-    save(args.out, args.name, result, markdown(result))
-    for line in markdown(result)[-len(result["ratios"]) - 2 :]:
-        print(line)
+    lines = markdown(result)
+    save(args.out, args.name, result, lines)
+    print("\n".join(lines[-len(result["ratios"]) - 2 :]))
     return 0
 
 

@@ -306,6 +306,12 @@ def measure_system(
     return result
 
 
+def local_env(port: int) -> dict[str, str]:
+    """What every server launched here is told: listen on localhost `port`, log warnings only, serve the
+    committed artifact."""
+    return {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+
+
 def under_load(
     system_on: Callable[[int], System],
     images: list[bytes],
@@ -336,8 +342,7 @@ def service_under_load(
     Locust users for `seconds`, with its steady-state window (benchmarks/window.py). Locust's summary + "window"."""
 
     def system_on(port: int) -> System:
-        base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
-        return System(tag, [sys.executable, "-m", "service"], base | env, cwd=code)
+        return System(tag, [sys.executable, "-m", "service"], local_env(port) | env, cwd=code)
 
     return under_load(system_on, images, seconds, work, tag, users, during=partial(window.measure, duration_s=seconds))
 

@@ -43,7 +43,7 @@ from urllib3 import encode_multipart_formdata
 
 from benchmarks import payloads
 from benchmarks.report import command_line, provenance, save
-from benchmarks.run import ROOT, _free_port, service_under_load
+from benchmarks.run import ROOT, _free_port, local_env, service_under_load
 from service.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -285,7 +285,7 @@ class Sampler(threading.Thread):
 def start_service(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+    base = local_env(port)
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env={**os.environ, **base, **env}, stdout=sink, stderr=sink

@@ -52,6 +52,7 @@ from benchmarks.run import (
     System,
     _free_port,
     failures,
+    local_env,
     locust,
     multipart_request,
     start,
@@ -78,7 +79,7 @@ class Contender:
     triton_python: str | None = None  # Triton: the python of its own venv (benchmarks/requirements-triton.txt)
 
     def system(self, port: int) -> System:
-        base = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning", "MODEL_DIR": str(ROOT / "artifacts")}
+        base = local_env(port)
         if self.triton_python is not None:
             command = [self.triton_python, "-m", "benchmarks.baselines.triton_server", "--port", str(port)]
             return System(self.name, command, base, cwd=ROOT, request=triton_request, locustfile="locustfile_oip.py")
