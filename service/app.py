@@ -21,7 +21,6 @@ from service.model import Classifier
 from service.repository import Repository
 from service.scheduler import Admission, Scheduler
 from service.settings import Settings
-from service.threads import named_pool
 
 log = logging.getLogger("service")
 
@@ -47,9 +46,8 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
             hooks=metrics.scheduler_hooks(),
         )
         scheduler.start()
-        decode_pool = named_pool(settings.decode_threads, "decode")
         metrics.describe_model(loaded.manifest)
-        plane = DataPlane(settings, loaded, scheduler, decode_pool, app.state.admission, metrics)
+        plane = DataPlane(settings, loaded, scheduler, app.state.admission, metrics)
         repository = Repository(settings, plane, metrics)
         app.state.data_plane = plane
         app.state.repository = repository
@@ -78,7 +76,6 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
             app.state.ready = False
             await scheduler.close()
             await repository.close()
-            decode_pool.shutdown(wait=True)
 
     routes = [
         Route("/", endpoints.home, methods=["GET"]),

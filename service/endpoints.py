@@ -22,6 +22,8 @@ UNTRAINED_WARNING = (
 
 
 def _top_k(request: Request) -> int | None:
+    if not request.scope["query_string"]:  # most requests: no need to parse one
+        return None
     raw = request.query_params.get("top_k")
     if raw is None:
         return None

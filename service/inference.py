@@ -13,7 +13,6 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,14 +57,12 @@ class DataPlane:
         settings: Settings,
         model: Classifier,
         scheduler: Scheduler,
-        decode_pool: Executor,
         admission: Admission,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.model = model
         self._scheduler = scheduler
-        self._decode_pool = decode_pool
         self._admission = admission
         self._metrics = metrics
         self._late = f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)"
@@ -130,8 +127,8 @@ class DataPlane:
         if not encoded:
             return Answer(self.model, results)
         with self._admission.admit(len(encoded)), self._pinned() as model:
-            # Queued encoded: the scheduler's decoders decode each image (in the decode pool, never on the event
-            # loop) just ahead of the engine, so waiting images cost their bytes, not their pixels.
+            # Queued encoded: the scheduler decodes each image (in a thread, never on the event loop) just ahead
+            # of the engine, so waiting images cost their bytes, not their pixels.
             decoders = [functools.partial(self._decode, data, model) for data in encoded.values()]
             rows = await self._infer(model, decoders, deadline, gone)
             for i, row in zip(encoded, rows, strict=True):
@@ -145,12 +142,11 @@ class DataPlane:
             rows = await self._infer(model, list(pixels), deadline, gone)
         return Answer(model, rows)
 
-    async def _decode(self, data: bytes, model: Classifier) -> np.ndarray | ServiceError:
+    def _decode(self, data: bytes, model: Classifier) -> np.ndarray | ServiceError:
+        """Blocking: the scheduler calls it in a decode thread, or on an inference thread just before the run."""
         started = time.perf_counter()
         try:
-            pixels: np.ndarray = await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, preprocess, data, model.manifest.preprocessing, self.settings.max_image_pixels
-            )
+            pixels = preprocess(data, model.manifest.preprocessing, self.settings.max_image_pixels)
         except ServiceError as exc:
             return exc
         self._metrics.decode.observe(time.perf_counter() - started)

@@ -8,12 +8,17 @@ other run is in the engine and nobody waits is *wide* (every core: a lone reques
 engine allows); any other run is narrow (one core each: on 2 cores two single-threaded runs side by side
 beat one two-threaded run, benchmarks/engine.py and benchmarks/parallelism.py).
 
-An image may be queued undecoded, as a coroutine function that decodes it. DECODERS tasks take the queue in
-order and decode just ahead of the engine into a small ready queue (2 x WORKERS x MAX_BATCH): the cores never
-wait for a decoding (it overlaps the runs), yet the queue holds encoded bytes rather than a megabyte of
-float32 pixels per waiting image, and an image whose client left or whose deadline passed while it waited is
+An image may be queued undecoded, as a function that decodes it. DECODERS tasks take the queue in order and
+decode (in the decode threads) just ahead of the engine into a small ready queue (2 x WORKERS x MAX_BATCH): the
+cores never wait for a decoding (it overlaps the runs), yet the queue holds encoded bytes rather than a megabyte
+of float32 pixels per waiting image, and an image whose client left or whose deadline passed while it waited is
 never decoded. (Decoding when a worker took the image, with no overlap, answered 0.84-0.88x as many requests
 under load: benchmarks/results/sweep-decode-on-take.md.)
+
+A lone image that finds the scheduler idle (nothing queued, being decoded or in the engine; MAX_BATCH 1) has
+nothing to overlap with: it goes to the workers undecoded, and the worker's thread decodes it just before its
+run. Through the decoders it went from the event loop to a decode thread and back before the worker sent it to
+an inference thread: two wake-ups more on the path of every request at one client.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ class Engine(Protocol):
     def predict(self, batch: np.ndarray, wide: bool = False) -> np.ndarray: ...
 
 
-Decode = Callable[[], Awaitable["np.ndarray | ServiceError"]]
-"""Decodes one queued image when a decoder reaches it: its pixels, or the error that answers that image."""
+Decode = Callable[[], "np.ndarray | ServiceError"]
+"""Decodes one image, blocking (the scheduler calls it in a thread): its pixels, or the error that answers it."""
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Scheduler:
         self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=2 * workers * max_batch)
         self._hooks = hooks or SchedulerHooks()
         self._pool = named_pool(workers, "inference")
+        self._decode_pool = named_pool(decoders, "decode")
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         self._decoding = 0  # images a decoder has taken from the queue and not yet handed to a worker
@@ -135,8 +141,12 @@ class Scheduler:
             )
         loop = asyncio.get_running_loop()
         jobs = [Job(pixels, loop.time() + timeout_s, engine, loop.create_future()) for pixels in images]
-        for job in jobs:  # room was checked above, and nothing awaits in between
-            self._queue.put_nowait(job)
+        if len(jobs) == 1 and self._max_batch == 1 and self._idle():
+            # Straight to the workers, undecoded: the worker's thread decodes it just before the run.
+            self._ready.put_nowait(jobs[0])
+        else:
+            for job in jobs:  # room was checked above, and nothing awaits in between
+                self._queue.put_nowait(job)
         self._hooks.on_queue_depth(self._waiting())
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
         try:
@@ -230,7 +240,7 @@ class Scheduler:
         if isinstance(job.pixels, np.ndarray):
             return True
         try:
-            pixels = await job.pixels()
+            pixels = await asyncio.get_running_loop().run_in_executor(self._decode_pool, job.pixels)
         except Exception as exc:  # a fault of ours, not the image's: that request gets a 500
             log.exception("decoding failed")
             if not job.future.done():
@@ -245,21 +255,12 @@ class Scheduler:
         return True
 
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
-        loop = asyncio.get_running_loop()
-        pixels = [job.pixels for job in live if isinstance(job.pixels, np.ndarray)]  # all: decoded ahead
-        # One image (the common case unbatched) is passed as a view: no copy of its megabyte on the event loop.
-        batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
-        # Decided and counted with no await in between: two workers can never both see themselves alone.
-        wide = self._idle() and engine.wide is not None
-        self._hooks.on_run(wide)
         self._settled.clear()
         self._in_flight += len(live)
         self._hooks.on_in_flight(self._in_flight)
-        started = time.perf_counter()
         try:
-            probabilities = await loop.run_in_executor(self._pool, engine.predict, batch, wide)
-        except Exception as exc:
-            log.exception("inference failed for a batch of %d", len(live))
+            rows = await asyncio.get_running_loop().run_in_executor(self._pool, self._engine_run, engine, live)
+        except Exception as exc:  # logged in the thread, which knows whether decoding or the run failed
             for job in live:
                 if not job.future.done():
                     job.future.set_exception(exc)
@@ -269,10 +270,43 @@ class Scheduler:
             self._hooks.on_in_flight(self._in_flight)
             if self._idle():
                 self._settled.set()
-        self._hooks.on_batch(len(live), time.perf_counter() - started)
-        for job, row in zip(live, probabilities, strict=True):
+        if rows is None:  # nobody waits for it any more
+            return
+        for job, row in zip(live, rows, strict=True):
             if not job.future.done():
                 job.future.set_result(row)
+
+    def _engine_run(self, engine: Engine, live: list[Job]) -> list[np.ndarray | ServiceError] | None:
+        """On an inference thread: one run of `live`, decoding first a lone image that came undecoded (infer).
+        Each job's answer, in order: its probabilities, or (a lone image) its own error; None if nobody waits."""
+        if len(live) == 1 and not isinstance(live[0].pixels, np.ndarray):
+            try:
+                decoded = live[0].pixels()
+            except Exception:  # a fault of ours, not the image's: that request gets a 500
+                log.exception("decoding failed")
+                raise
+            if isinstance(decoded, ServiceError):  # the image's own answer (undecodable, too large)
+                return [decoded]
+            if live[0].future.done():  # the client left, or its deadline passed, while the image was decoded
+                return None
+            pixels = [decoded]
+        else:
+            pixels = [job.pixels for job in live if isinstance(job.pixels, np.ndarray)]  # all: decoded ahead
+        # One image (the common case unbatched) is passed as a view: no copy of its megabyte.
+        batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
+        # Every core only if nothing else is in the engine or waiting to enter it. Decided here, at the last
+        # moment, from the event loop's counters (read only, under the GIL): each run was counted in before its
+        # thread started, so of two runs starting together the later one to look sees the other.
+        wide = self._in_flight == len(live) and self._waiting() == 0 and engine.wide is not None
+        self._hooks.on_run(wide)
+        started = time.perf_counter()
+        try:
+            probabilities = engine.predict(batch, wide)
+        except Exception:
+            log.exception("inference failed for a batch of %d", len(live))
+            raise
+        self._hooks.on_batch(len(live), time.perf_counter() - started)
+        return list(probabilities)
 
     def _waiting(self) -> int:
         """Images accepted and not yet in the engine: queued, being decoded, or decoded for a worker."""
@@ -293,6 +327,7 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=True)
 
 
 class Admission:

@@ -260,7 +260,7 @@ class GatedClassifier(Classifier):
         self.runs = 0  # engine runs started
         self.images = 0  # images in those runs
         self.finished = threading.Event()  # set when a run returns (or raises)
-        self.fail_with: Exception | None = None
+        self.fail_with: Exception | None = None  # set: runs raise it (an engine fault)
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> GatedClassifier:
@@ -285,6 +285,8 @@ class GatedClassifier(Classifier):
         try:
             if not self.gate.wait(timeout=20):
                 raise RuntimeError("the test never opened the gate")
+            if self.fail_with is not None:
+                raise self.fail_with
             return super().predict(batch, *args, **kwargs)  # type: ignore[arg-type]
         finally:
             self.finished.set()

@@ -261,13 +261,13 @@ def test_an_expired_job_is_answered_504_and_the_rest_of_its_batch_still_runs(eng
 
 def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifier) -> None:
     # An image being decoded is about to run: a run that starts meanwhile is not alone and must not take
-    # every core.
+    # every core. And the image decoded meanwhile, alone when it arrived, is not alone when it runs.
     engine.add_wide_session(2)
-    decoding, decoded = asyncio.Event(), asyncio.Event()
+    decoding, decoded = threading.Event(), threading.Event()
 
-    async def decode_red() -> np.ndarray:
+    def decode_red() -> np.ndarray:
         decoding.set()
-        await decoded.wait()
+        assert decoded.wait(TIMEOUT_S)
         return _pixels("red")
 
     async def scenario() -> None:
@@ -275,7 +275,7 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
         scheduler.start()
         try:
             slow = asyncio.ensure_future(scheduler.infer(engine, [decode_red], TIMEOUT_S))
-            await decoding.wait()
+            await until(decoding.is_set, "red being decoded")
             with engine.held():
                 beside = _infer(scheduler, engine, ["blue"])
                 await until(lambda: engine.runs == 1, "the blue run in the engine")
@@ -290,13 +290,156 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
     assert [wide for wide, _ in engine.calls] == [False, False]
 
 
+def test_a_run_with_images_waiting_behind_it_is_narrow(engine: RecordingClassifier) -> None:
+    # One worker: nothing else is in the engine when green starts, but blue waits for it; only blue, the last,
+    # has the engine to itself.
+    engine.add_wide_session(2)
+
+    async def scenario() -> None:
+        scheduler, _ = _scheduler(workers=1)
+        scheduler.start()
+        try:
+            with engine.held():
+                red = _infer(scheduler, engine, ["red"])
+                await until(lambda: engine.runs == 1, "red in the engine")
+                green, blue = _infer(scheduler, engine, ["green"]), _infer(scheduler, engine, ["blue"])
+                await until(lambda: scheduler._waiting() == 2, "green and blue waiting")
+            assert _classes(engine, await red + await green + await blue) == ["red", "green", "blue"]
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert [wide for wide, _ in engine.calls] == [True, False, True]
+
+
+def test_a_lone_image_is_decoded_and_run_on_one_inference_thread_and_a_queued_one_in_the_decoders(
+    engine: RecordingClassifier,
+) -> None:
+    # Idle scheduler: the lone image skips the decoders and the ready queue; one inference thread decodes and
+    # runs it. Behind a run in the engine, an image is queued and decoded by a decoder as before.
+    engine.add_wide_session(2)
+    decoded_on: list[tuple[str, str]] = []
+
+    def decoder(name: str) -> Callable[[], np.ndarray]:
+        def decode() -> np.ndarray:
+            decoded_on.append((name, threading.current_thread().name))
+            return _pixels(name)
+
+        return decode
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(workers=2, decoders=1)
+        scheduler.start()
+        try:
+            assert _classes(engine, await scheduler.infer(engine, [decoder("red")], TIMEOUT_S)) == ["red"]
+            assert _value(metrics, "inference_in_flight") == 0
+            with engine.held():
+                running = asyncio.ensure_future(scheduler.infer(engine, [decoder("green")], TIMEOUT_S))
+                await until(lambda: engine.runs == 2, "green in the engine")
+                assert _value(metrics, "inference_in_flight") == 1  # counted in the engine while it runs
+                queued = asyncio.ensure_future(scheduler.infer(engine, [decoder("blue")], TIMEOUT_S))
+                await until(lambda: engine.runs == 3, "blue beside it")
+            assert _classes(engine, await running + await queued) == ["green", "blue"]
+            await asyncio.wait_for(scheduler.settled(), TIMEOUT_S)
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    threads = {name: thread for name, thread in decoded_on}
+    assert threads["red"].startswith("inference_") and threads["green"].startswith("inference_"), decoded_on
+    assert threads["blue"].startswith("decode_"), decoded_on
+    # Each alone ran wide and on the thread that decoded it; blue, beside green, ran narrow.
+    assert engine.calls == [(True, threads["red"]), (True, threads["green"]), (False, engine.calls[2][1])]
+
+
+def test_with_batching_on_a_lone_image_is_queued_to_the_decoders_like_the_rest(engine: RecordingClassifier) -> None:
+    # MAX_BATCH > 1: a lone image waits for a batch to fill (BATCH_WAIT_MS), so it goes through the decoders and
+    # joins the images behind it decoded.
+    decoded_on: list[str] = []
+
+    def decode() -> np.ndarray:
+        decoded_on.append(threading.current_thread().name)
+        return _pixels("red")
+
+    async def scenario() -> list[list[np.ndarray]]:
+        scheduler, _ = _scheduler(max_batch=2, batch_wait_s=TIMEOUT_S)
+        scheduler.start()
+        try:
+            first = asyncio.ensure_future(scheduler.infer(engine, [decode], TIMEOUT_S))
+            await asyncio.sleep(0)
+            return list(await asyncio.gather(first, scheduler.infer(engine, [decode], TIMEOUT_S)))
+        finally:
+            await scheduler.close()
+
+    answers = asyncio.run(scenario())
+    assert [_classes(engine, rows) for rows in answers] == [["red"], ["red"]]
+    assert (engine.runs, engine.images) == (1, 2)
+    assert all(name.startswith("decode_") for name in decoded_on), decoded_on
+
+
+def test_a_lone_image_whose_client_left_while_it_was_decoded_never_runs(engine: RecordingClassifier) -> None:
+    decoding, release = threading.Event(), threading.Event()
+    left = asyncio.Event()
+
+    def decode() -> np.ndarray:
+        decoding.set()
+        assert release.wait(TIMEOUT_S)
+        return _pixels("red")
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler()
+        scheduler.start()
+        try:
+            request = asyncio.ensure_future(scheduler.infer(engine, [decode], TIMEOUT_S, left.wait))
+            await until(decoding.is_set, "the image being decoded")
+            left.set()
+            with pytest.raises(ClientDisconnected):
+                await request
+            release.set()
+            await asyncio.wait_for(scheduler.settled(), TIMEOUT_S)
+            assert _value(metrics, "inference_in_flight") == 0
+            assert _classes(engine, await _infer(scheduler, engine, ["blue"])) == ["blue"]  # serving on
+        finally:
+            release.set()
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert engine.runs == 1  # blue only
+
+
+def test_a_lone_run_that_fails_fails_its_request_and_close_waits_for_a_lone_run(
+    engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler()
+        scheduler.start()
+        engine.fail_with = RuntimeError("a fault of the engine")
+        with pytest.raises(RuntimeError, match="a fault of the engine"):
+            await _infer(scheduler, engine, ["red"])
+        engine.fail_with = None
+        assert _value(metrics, "inference_in_flight") == 0
+        with engine.held():
+            running = _infer(scheduler, engine, ["green"])
+            await until(lambda: engine.runs == 2, "green in the engine")
+            closing = asyncio.ensure_future(scheduler.close())
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not closing.done(), "close() returned with a run still in the engine"
+        await asyncio.wait_for(closing, TIMEOUT_S)
+        assert running.done() and _classes(engine, running.result()) == ["green"]
+
+    asyncio.run(scenario())
+    faults = [r.getMessage() for r in caplog.records if r.name == "service.scheduler" and r.exc_info]
+    assert faults == ["inference failed for a batch of 1"], caplog.text
+
+
 def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_run(
     engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def undecodable() -> InvalidImage:
+    def undecodable() -> InvalidImage:
         return InvalidImage("not an image")
 
-    async def broken() -> np.ndarray:
+    def broken() -> np.ndarray:
         raise RuntimeError("a fault of the decoder")
 
     async def scenario() -> None:
@@ -336,8 +479,8 @@ def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client
     # one per decoder waiting for room), so the queue does not hold a decoded megabyte per waiting image.
     decoded: list[str] = []
 
-    def decoder(name: str) -> Callable[[], Awaitable[np.ndarray]]:
-        async def decode() -> np.ndarray:
+    def decoder(name: str) -> Callable[[], np.ndarray]:
+        def decode() -> np.ndarray:
             decoded.append(name)
             return _pixels(name)
 
@@ -383,8 +526,8 @@ def test_two_workers_taking_batches_of_two_have_eight_images_decoded_ahead(engin
     # room): enough for each worker's next two batches, whatever the settings, and no more.
     decoded: list[int] = []
 
-    def decoder(i: int) -> Callable[[], Awaitable[np.ndarray]]:
-        async def decode() -> np.ndarray:
+    def decoder(i: int) -> Callable[[], np.ndarray]:
+        def decode() -> np.ndarray:
             decoded.append(i)
             return _pixels("red")
 
@@ -455,7 +598,7 @@ def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_nev
 ) -> None:
     decoded: list[str] = []
 
-    async def decode() -> np.ndarray:
+    def decode() -> np.ndarray:
         decoded.append("red")
         return _pixels("red")
 
@@ -463,30 +606,33 @@ def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_nev
         scheduler, _ = _scheduler()
         scheduler.start()
         try:
-            await asyncio.sleep(0)  # the decoder now waits on the empty queue
-            request = asyncio.ensure_future(scheduler.infer(engine, [decode], 0.05))
-            await asyncio.sleep(0)  # the request queues its image, which wakes the decoder on the next turn
-            # The event loop held past the deadline: the decoder, woken first, takes the image before the
-            # request's own timer fires, and answers it without decoding it.
-            time.sleep(0.1)
-            with pytest.raises(DeadlineExceeded, match="^the request expired in the queue$"):
-                await request
+            with engine.held():
+                running = _infer(scheduler, engine, ["dark"])  # in the engine: the next image is queued
+                await until(lambda: engine.runs == 1, "a run in the engine")
+                request = asyncio.ensure_future(scheduler.infer(engine, [decode], 0.05))
+                await asyncio.sleep(0)  # the request queues its image, which wakes the decoder on the next turn
+                # The event loop held past the deadline: the decoder, woken first, takes the image before the
+                # request's own timer fires, and answers it without decoding it.
+                time.sleep(0.1)
+                with pytest.raises(DeadlineExceeded, match="^the request expired in the queue$"):
+                    await request
+            assert _classes(engine, await running) == ["dark"]
         finally:
             await scheduler.close()
 
     asyncio.run(scenario())
-    assert decoded == [] and engine.runs == 0
+    assert decoded == [] and engine.runs == 1
 
 
 def test_images_a_decoder_holds_count_against_the_queue_bound(engine: RecordingClassifier) -> None:
     # MAX_QUEUE bounds the images accepted and not yet in the engine, those being decoded included: two images
     # in the decoders fill a queue of two, so a third is refused at once, however empty the queue itself looks.
     decoding: list[int] = []
-    release = asyncio.Event()
+    release = threading.Event()
 
-    async def held_decode() -> np.ndarray:
+    def held_decode() -> np.ndarray:
         decoding.append(1)
-        await release.wait()
+        assert release.wait(TIMEOUT_S)
         return _pixels("red")
 
     async def scenario() -> None:
