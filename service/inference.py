@@ -19,8 +19,9 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, PayloadTooLarge, ServiceError
 from service.imaging import preprocess
+from service.memory import trim_heap
 from service.metrics import Metrics
-from service.model import Classifier, trim_heap
+from service.model import Classifier
 from service.payload import too_many_images
 from service.scheduler import Admission, Decode, Scheduler
 from service.settings import Settings
