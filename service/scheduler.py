@@ -260,21 +260,19 @@ class Scheduler:
         self._hooks.on_in_flight(self._in_flight)
         try:
             rows = await asyncio.get_running_loop().run_in_executor(self._pool, self._engine_run, engine, live)
+            if rows is not None:  # None: nobody waits for it any more
+                for job, row in zip(live, rows, strict=True):
+                    if not job.future.done():
+                        job.future.set_result(row)
         except Exception as exc:  # logged in the thread, which knows whether decoding or the run failed
             for job in live:
                 if not job.future.done():
                     job.future.set_exception(exc)
-            return
         finally:
             self._in_flight -= len(live)
             self._hooks.on_in_flight(self._in_flight)
             if self._idle():
                 self._settled.set()
-        if rows is None:  # nobody waits for it any more
-            return
-        for job, row in zip(live, rows, strict=True):
-            if not job.future.done():
-                job.future.set_result(row)
 
     def _engine_run(self, engine: Engine, live: list[Job]) -> list[np.ndarray | ServiceError] | None:
         """On an inference thread: one run of `live`, decoding first a lone image that came undecoded (infer).
@@ -297,7 +295,8 @@ class Scheduler:
         # Every core only if nothing else is in the engine or waiting to enter it. Decided here, at the last
         # moment, from the event loop's counters (read only, under the GIL): each run was counted in before its
         # thread started, so of two runs starting together the later one to look sees the other.
-        wide = self._in_flight == len(live) and self._waiting() == 0 and engine.wide is not None
+        # Waiting first: a job the loop moves from waiting into the engine between the two reads is then seen.
+        wide = self._waiting() == 0 and self._in_flight == len(live) and engine.wide is not None
         self._hooks.on_run(wide)
         started = time.perf_counter()
         try:

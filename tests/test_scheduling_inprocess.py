@@ -377,6 +377,49 @@ def test_with_batching_on_a_lone_image_is_queued_to_the_decoders_like_the_rest(e
     assert all(name.startswith("decode_") for name in decoded_on), decoded_on
 
 
+def test_a_lone_image_is_answered_with_its_own_decoding_error_and_a_decoder_fault_fails_only_its_request(
+    engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    def undecodable() -> InvalidImage:
+        return InvalidImage("not an image")
+
+    def broken() -> np.ndarray:
+        raise RuntimeError("a fault of the decoder")
+
+    async def scenario() -> None:
+        scheduler, _ = _scheduler()
+        scheduler.start()
+        try:
+            (error,) = await scheduler.infer(engine, [undecodable], TIMEOUT_S)
+            assert isinstance(error, InvalidImage) and str(error) == "not an image"
+            with pytest.raises(RuntimeError, match="a fault of the decoder"):
+                await scheduler.infer(engine, [broken], TIMEOUT_S)
+            assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert engine.runs == 1  # dark only
+    faults = [r.getMessage() for r in caplog.records if r.name == "service.scheduler" and r.exc_info]
+    assert faults == ["decoding failed"], caplog.text
+
+
+def test_a_batch_alone_in_the_engine_is_wide(engine: RecordingClassifier) -> None:
+    engine.add_wide_session(2)
+
+    async def scenario() -> list[np.ndarray]:
+        scheduler, _ = _scheduler(max_batch=2, batch_wait_s=TIMEOUT_S)
+        scheduler.start()
+        try:
+            return await scheduler.infer(engine, [_pixels("red"), _pixels("green")], TIMEOUT_S)
+        finally:
+            await scheduler.close()
+
+    assert _classes(engine, asyncio.run(scenario())) == ["red", "green"]
+    assert (engine.runs, engine.images) == (1, 2)
+    assert [wide for wide, _ in engine.calls] == [True]
+
+
 def test_a_lone_image_whose_client_left_while_it_was_decoded_never_runs(engine: RecordingClassifier) -> None:
     decoding, release = threading.Event(), threading.Event()
     left = asyncio.Event()
@@ -557,7 +600,9 @@ def test_two_workers_taking_batches_of_two_have_eight_images_decoded_ahead(engin
     assert engine.images == 14
 
 
-def test_close_ends_every_task_start_began(engine: RecordingClassifier) -> None:
+def test_close_ends_every_task_start_began_and_every_thread_it_used(engine: RecordingClassifier) -> None:
+    threads_before = set(threading.enumerate())
+
     async def scenario() -> None:
         scheduler, _ = _scheduler(workers=2, decoders=2)
         before = asyncio.all_tasks()
@@ -566,9 +611,18 @@ def test_close_ends_every_task_start_began(engine: RecordingClassifier) -> None:
         # Named, so a dump of the event loop's tasks says which is which.
         names = ["decoder-0", "decoder-1", "inference-worker-0", "inference-worker-1"]
         assert sorted(task.get_name() for task in began) == names
-        assert _classes(engine, await _infer(scheduler, engine, ["red"])) == ["red"]
+        with engine.held():
+            alone = _infer(scheduler, engine, ["red"])
+            await until(lambda: engine.runs == 1, "red in the engine")
+            queued = asyncio.ensure_future(scheduler.infer(engine, [lambda: _pixels("blue")], TIMEOUT_S))
+            await until(lambda: engine.runs == 2, "blue, decoded by a decoder, beside it")
+        assert _classes(engine, await alone + await queued) == ["red", "blue"]
+        started = {thread.name for thread in set(threading.enumerate()) - threads_before}
+        assert {"inference_0", "inference_1", "decode_0"} <= started, started
         await scheduler.close()
         assert [task.get_name() for task in began if not task.done()] == []
+        # Joined by close(), while the scheduler still exists (a pool nobody refers to stops its threads too).
+        assert [thread.name for thread in set(threading.enumerate()) - threads_before] == []
 
     asyncio.run(scenario())
 

@@ -13,11 +13,13 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
+import service.inference
 from service.model import Classifier
 from service.server import Server
 from tests.helpers import (
@@ -253,15 +255,23 @@ def test_deadline_in_the_engine_and_in_the_queue_gives_504_and_the_queued_job_is
     asyncio.run(scenario())
 
 
-def test_an_image_whose_deadline_passes_while_it_is_decoded_never_reaches_the_engine(gated: GatedClassifier) -> None:
-    # Images are decoded when a worker takes them. The decode pool (one thread) is held busy by the test, so
-    # the worker has taken the image and waits on its decoding while the deadline passes.
-    app = make_app(gated, REQUEST_TIMEOUT_S="0.5", DECODE_THREADS="1")
+def test_an_image_whose_deadline_passes_while_it_is_decoded_never_reaches_the_engine(
+    gated: GatedClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The decoding itself is held by the test (the real preprocessing behind a gate): a lone image is decoded on
+    # its worker's thread just before its run, and the deadline passes while it decodes.
+    app = make_app(gated, REQUEST_TIMEOUT_S="0.5")
     release = threading.Event()
+    decode = service.inference.preprocess
+
+    def held_decode(*args: Any) -> Any:
+        assert release.wait(20), "the test never released the decoding"
+        return decode(*args)
+
+    monkeypatch.setattr(service.inference, "preprocess", held_decode)
 
     async def scenario() -> None:
         async with serving(app) as client:
-            blocker = app.state.data_plane._decode_pool.submit(release.wait, 20)
             try:
                 request = _post(client, "red")
                 message = _error(await request, 504, "deadline_exceeded")
@@ -269,9 +279,8 @@ def test_an_image_whose_deadline_passes_while_it_is_decoded_never_reaches_the_en
                 assert sample(app, "image_decode_seconds_count") == 0
             finally:
                 release.set()
-            blocker.result()
             await until(lambda: sample(app, "image_decode_seconds_count") == 1, "the image to be decoded")
-            await until(lambda: sample(app, "inference_queue_depth") == 0, "the worker to move on")
+            await until(lambda: sample(app, "inference_in_flight") == 0, "the worker to move on")
             assert (await _post(client, "blue")).json()["class"] == "blue"
         assert gated.images == 1, "the image decoded after its deadline was run anyway"
 
