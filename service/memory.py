@@ -1,8 +1,7 @@
-"""The process's heap (glibc malloc): how many arenas it keeps, and handing freed pages back to the system."""
+"""The process's C library, and its heap (glibc malloc): how many arenas it keeps, freed pages handed back."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import sys
 
@@ -12,9 +11,16 @@ _M_ARENA_MAX = -8  # malloc.h
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
-    with contextlib.suppress(OSError):
-        return ctypes.CDLL(None)  # the process's own symbols: malloc's are glibc's, or another libc's
-    return None
+    try:
+        # The process's own symbols, libc's among them. find_library("c") would run `ldconfig -p` in a
+        # subprocess at import, on the path to the first answer.
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+"""The C library this process runs on (Linux), loaded once; None elsewhere."""
 
 
 def limit_arenas(count: int) -> bool:
@@ -26,8 +32,7 @@ def limit_arenas(count: int) -> bool:
     with one arena, 171.1 before lone images were decoded there (benchmarks/results/sweep-fast-lone-arenas.md).
     Call before the threads start: a thread keeps the arena it was given.
     """
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = getattr(LIBC, "mallopt", None)
     return bool(mallopt is not None and mallopt(_M_ARENA_MAX, count) == 1)
 
 
@@ -35,7 +40,6 @@ def trim_heap() -> None:
     """Return the heap's free pages to the system (glibc's malloc_trim). Building a session leaves the graph
     optimizer's temporaries freed but kept by glibc: trimming after the startup load took 2.4 ms and 15 MB
     off the resident set (105.9 -> 90.6 MB, the committed artifact)."""
-    libc = _libc()
-    trim = getattr(libc, "malloc_trim", None)
+    trim = getattr(LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)

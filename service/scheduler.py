@@ -294,8 +294,8 @@ class Scheduler:
         batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
         # Every core only if nothing else is in the engine or waiting to enter it. Decided here, at the last
         # moment, from the event loop's counters (read only, under the GIL): each run was counted in before its
-        # thread started, so of two runs starting together the later one to look sees the other.
-        # Waiting first: a job the loop moves from waiting into the engine between the two reads is then seen.
+        # thread started, so of two runs starting together the later one to look sees the other; and waiting is
+        # read first, so a job the loop moves from waiting into the engine between the two reads is seen.
         wide = self._waiting() == 0 and self._in_flight == len(live) and engine.wide is not None
         self._hooks.on_run(wide)
         started = time.perf_counter()

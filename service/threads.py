@@ -7,33 +7,20 @@ Python 3.11 names threads for itself only; `top -H`, `ps -L`, /proc and the benc
 from __future__ import annotations
 
 import ctypes
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+from service.memory import LIBC
 
 _PR_SET_NAME = 15  # linux/prctl.h
 _LINUX_NAME_BYTES = 15  # the kernel keeps 15 bytes and a NUL
 
 
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        # The process's own symbols, libc's among them. find_library("c") ran `ldconfig -p` in a subprocess at
-        # import, on the path to the first answer.
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
 def name_os_thread() -> None:
     """Give the calling OS thread its Python thread's name (Linux; elsewhere nothing happens)."""
-    if _LIBC is not None:
+    if LIBC is not None:
         name = threading.current_thread().name.encode("ascii", "replace")[:_LINUX_NAME_BYTES]
-        _LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def named_pool(workers: int, prefix: str) -> ThreadPoolExecutor:

@@ -32,6 +32,19 @@ def _pixels(name: str) -> np.ndarray:
     return np.full((8, 8, 3), COLOURS[name], dtype=np.float32)  # the tiny model's input size
 
 
+def _undecodable() -> InvalidImage:
+    return InvalidImage("not an image")
+
+
+def _broken() -> np.ndarray:
+    raise RuntimeError("a fault of the decoder")
+
+
+def _faults(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The scheduler's log lines that carry a traceback: the operator's only trace of a 500 not the image's."""
+    return [r.getMessage() for r in caplog.records if r.name == "service.scheduler" and r.exc_info]
+
+
 class RecordingClassifier(GatedClassifier):
     """The gated classifier, recording for each engine run whether it was asked to be wide and on which thread."""
 
@@ -380,28 +393,21 @@ def test_with_batching_on_a_lone_image_is_queued_to_the_decoders_like_the_rest(e
 def test_a_lone_image_is_answered_with_its_own_decoding_error_and_a_decoder_fault_fails_only_its_request(
     engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def undecodable() -> InvalidImage:
-        return InvalidImage("not an image")
-
-    def broken() -> np.ndarray:
-        raise RuntimeError("a fault of the decoder")
-
     async def scenario() -> None:
         scheduler, _ = _scheduler()
         scheduler.start()
         try:
-            (error,) = await scheduler.infer(engine, [undecodable], TIMEOUT_S)
+            (error,) = await scheduler.infer(engine, [_undecodable], TIMEOUT_S)
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
             with pytest.raises(RuntimeError, match="a fault of the decoder"):
-                await scheduler.infer(engine, [broken], TIMEOUT_S)
+                await scheduler.infer(engine, [_broken], TIMEOUT_S)
             assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
         finally:
             await scheduler.close()
 
     asyncio.run(scenario())
     assert engine.runs == 1  # dark only
-    faults = [r.getMessage() for r in caplog.records if r.name == "service.scheduler" and r.exc_info]
-    assert faults == ["decoding failed"], caplog.text
+    assert _faults(caplog) == ["decoding failed"], caplog.text
 
 
 def test_a_batch_alone_in_the_engine_is_wide(engine: RecordingClassifier) -> None:
@@ -472,19 +478,12 @@ def test_a_lone_run_that_fails_fails_its_request_and_close_waits_for_a_lone_run(
         assert running.done() and _classes(engine, running.result()) == ["green"]
 
     asyncio.run(scenario())
-    faults = [r.getMessage() for r in caplog.records if r.name == "service.scheduler" and r.exc_info]
-    assert faults == ["inference failed for a batch of 1"], caplog.text
+    assert _faults(caplog) == ["inference failed for a batch of 1"], caplog.text
 
 
 def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_run(
     engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def undecodable() -> InvalidImage:
-        return InvalidImage("not an image")
-
-    def broken() -> np.ndarray:
-        raise RuntimeError("a fault of the decoder")
-
     async def scenario() -> None:
         scheduler, metrics = _scheduler(max_batch=3, batch_wait_s=0.05)
         scheduler.start()
@@ -493,7 +492,7 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
                 first = _infer(scheduler, engine, ["red"])
                 await until(lambda: engine.runs == 1, "the red run in the engine")
                 batch = asyncio.ensure_future(
-                    scheduler.infer(engine, [_pixels("green"), undecodable, _pixels("blue")], TIMEOUT_S)
+                    scheduler.infer(engine, [_pixels("green"), _undecodable, _pixels("blue")], TIMEOUT_S)
                 )
                 # Decoded ahead of the engine: green and blue wait for the worker, the bad image has its answer.
                 await until(lambda: _value(metrics, "inference_queue_depth") == 2, "green and blue decoded")
@@ -503,7 +502,7 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
             assert _classes(engine, [green, blue]) == ["green", "blue"]  # type: ignore[list-item]
             # A fault that is not the image's fails its request (a 500), and the worker goes on serving.
             with pytest.raises(RuntimeError, match="a fault of the decoder"):
-                await scheduler.infer(engine, [broken], TIMEOUT_S)
+                await scheduler.infer(engine, [_broken], TIMEOUT_S)
             assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
         finally:
             await scheduler.close()
@@ -511,8 +510,7 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
     asyncio.run(scenario())
     assert (engine.runs, engine.images) == (3, 4)  # red; green and blue as one batch; dark
     # The fault is in the log with its traceback: the operator's only trace of a 500 that is not the image's.
-    faults = [r for r in caplog.records if r.name == "service.scheduler" and r.exc_info]
-    assert [r.getMessage() for r in faults] == ["decoding failed"], caplog.text
+    assert _faults(caplog) == ["decoding failed"], caplog.text
 
 
 def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client_left(

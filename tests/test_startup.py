@@ -173,7 +173,7 @@ def test_plain_uvicorn_entrypoints_serve(tiny_artifact: Path, tmp_path: Path, ta
 
 
 _HEAPS_AFTER_MAIN = """
-import ctypes, os, sys, tempfile, threading
+import ctypes, os, sys, threading
 import numpy as np
 from service.__main__ import main
 
@@ -193,7 +193,7 @@ for thread in threads:
     thread.join()
 libc = ctypes.CDLL(None)
 libc.fopen.restype = ctypes.c_void_p
-path = tempfile.mktemp()
+path = sys.argv[1]
 stream = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
 libc.malloc_info(0, stream)
 libc.fclose(stream)
@@ -206,7 +206,11 @@ def test_threads_share_one_malloc_arena(tmp_path: Path) -> None:
     # Each thread that decodes would otherwise keep its own arena of freed decoding buffers: about 20 MB more
     # peak RSS at 2 clients once lone images were decoded on the inference threads (service/memory.py).
     result = subprocess.run(
-        [sys.executable, "-c", _HEAPS_AFTER_MAIN], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _HEAPS_AFTER_MAIN, str(tmp_path / "malloc_info.xml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1", result.stdout
