@@ -94,6 +94,13 @@ def _infer(
     return asyncio.ensure_future(scheduler.infer(engine, [_pixels(name) for name in names], TIMEOUT_S, gone))
 
 
+async def _a_decoder_fault_fails_only_its_request(scheduler: Scheduler, engine: GatedClassifier) -> None:
+    """A fault that is not the image's fails its request (a 500), and the worker goes on serving."""
+    with pytest.raises(RuntimeError, match="a fault of the decoder"):
+        await scheduler.infer(engine, [_broken], TIMEOUT_S)
+    assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
+
+
 def test_a_run_alone_is_wide_and_runs_side_by_side_are_narrow(engine: RecordingClassifier) -> None:
     engine.add_wide_session(2)
     assert engine.wide is not None
@@ -399,9 +406,7 @@ def test_a_lone_image_is_answered_with_its_own_decoding_error_and_a_decoder_faul
         try:
             (error,) = await scheduler.infer(engine, [_undecodable], TIMEOUT_S)
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
-            with pytest.raises(RuntimeError, match="a fault of the decoder"):
-                await scheduler.infer(engine, [_broken], TIMEOUT_S)
-            assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
+            await _a_decoder_fault_fails_only_its_request(scheduler, engine)
         finally:
             await scheduler.close()
 
@@ -500,10 +505,7 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
             green, error, blue = await batch
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
             assert _classes(engine, [green, blue]) == ["green", "blue"]  # type: ignore[list-item]
-            # A fault that is not the image's fails its request (a 500), and the worker goes on serving.
-            with pytest.raises(RuntimeError, match="a fault of the decoder"):
-                await scheduler.infer(engine, [_broken], TIMEOUT_S)
-            assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
+            await _a_decoder_fault_fails_only_its_request(scheduler, engine)
         finally:
             await scheduler.close()
 
