@@ -3,6 +3,7 @@
     python -m benchmarks.cold_start --variant "@HEAD~1" --variant ""     # about 1 minute
     python -m benchmarks.cold_start --variant "" --launches 3 --out /tmp/x
     python -m benchmarks.cold_start --variant "" --naive                  # ours beside the naive server
+    python -m benchmarks.cold_start --variant "" --naive --imports        # and the imports alone: the floor
 
 The same measurement as the cold-start column of `python -m benchmarks.run` (benchmarks.run.start: launch
 `python -m service` on the committed artifact, post one JPEG until it is answered), repeated: one launch
@@ -10,7 +11,9 @@ is one sample of a figure that moves by tens of milliseconds with the machine's 
 as in benchmarks.ab (environment settings and/or `@REV` for another revision's `service/`). Round 0 runs
 every variant once uncounted, so the page cache is warm for all; then each round launches every variant
 once, in alternating order. With --naive, the naive reference server (benchmarks/baselines/naive_server.py,
-the yardstick of benchmarks.sweep) is launched in every round too, as one more variant. Writes
+the yardstick of benchmarks.sweep) is launched in every round too, as one more variant. With --imports, so is
+a Python that only imports what any Starlette + onnxruntime server imports before it can answer (IMPORTS), timed
+from launch to the line it prints when done: the floor under every cold start measured beside it. Writes
 results/<name>.{json,md}.
 """
 
@@ -19,8 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -33,6 +38,19 @@ from benchmarks.run import System, _free_port, local_env, start, stop
 from benchmarks.sweep import NAIVE, Contender
 
 HERE = Path(__file__).resolve().parent
+IMPORTS_ONLY = "imports only"
+# What the naive server imports before it can answer (uvicorn's launcher, Starlette, onnxruntime and numpy, Pillow
+# through the preprocessing), and nothing of ours: no server on this stack answers before these are imported.
+IMPORTS = (
+    "numpy",
+    "onnxruntime",
+    "PIL.Image",
+    "starlette.applications",
+    "starlette.requests",
+    "starlette.responses",
+    "starlette.routing",
+    "uvicorn",
+)
 
 
 def _time_to_first_answer(system: System, port: int, image: bytes, log: Path) -> float:
@@ -52,6 +70,18 @@ def launch_naive(image: bytes, log: Path) -> float:
     """The same for the naive reference server (uvicorn, module-level session)."""
     port = _free_port()
     return _time_to_first_answer(Contender(NAIVE).system(port), port, image, log)
+
+
+def launch_imports_only(image: bytes, log: Path) -> float:
+    """Seconds from launching a Python that imports IMPORTS to the line it prints once they are imported."""
+    command = [sys.executable, "-c", f"import {', '.join(IMPORTS)}; print(flush=True)"]
+    launched = time.perf_counter()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as process:
+        assert process.stdout is not None
+        if process.stdout.readline() != b"\n":
+            raise RuntimeError(f"{' '.join(command)} failed (exit status {process.wait()})")
+        seconds = time.perf_counter() - launched
+    return seconds
 
 
 def summarize(labels: list[str], rounds: list[dict[str, float]]) -> list[dict[str, Any]]:
@@ -84,6 +114,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
             " `naive`: the naive reference server (benchmarks/baselines/naive_server.py) on the same artifact."
             if NAIVE in result["variants"]
             else ""
+        )
+        + (
+            f" `{IMPORTS_ONLY}`: a Python that imports {', '.join(IMPORTS)}, timed from launch to the line it prints "
+            "once they are imported; no model, no answer: the floor under the others."
+            if IMPORTS_ONLY in result["variants"]
+            else ""
         ),
         *(
             [
@@ -110,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     add_variant_option(parser)
     parser.add_argument("--launches", type=int, default=10, help="counted launches per variant")
     parser.add_argument("--naive", action="store_true", help="launch the naive reference server in every round too")
+    parser.add_argument(
+        "--imports", action="store_true", help="launch a Python that only imports the stack, every round (the floor)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="cold_start")
     args = parser.parse_args(argv)
@@ -130,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.naive:
             launchers.append((NAIVE, launch_naive))
+        if args.imports:
+            launchers.append((IMPORTS_ONLY, launch_imports_only))
         for i in range(args.launches + 1):
             seconds = {label: run(image, work / f"{i}.log") for label, run in alternating(launchers, i)}
             print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)

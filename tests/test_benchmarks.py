@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from PIL import Image
 
 from benchmarks.ab import GIT, checkout_service, parse_variant
 from benchmarks.payloads import image_set
+from benchmarks.run import System, local_env, start, stop
 from benchmarks.sweep import error_kinds
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port, image_bytes
 from tests.system import IN_CI
 
 
@@ -189,17 +191,33 @@ def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("git_checkout")
 def test_cold_start_launches_each_variant_and_the_naive_server(tmp_path: Path) -> None:
-    variants = ("--variant", "", "--variant", "@HEAD WORKERS=1", "--naive")
+    variants = ("--variant", "", "--variant", "@HEAD WORKERS=1", "--naive", "--imports")
     data = _run_benchmark("cold_start", *variants, "--launches", "1", out=tmp_path, result="cold_start")
     (counted,) = data["rounds"]  # launch 0 warms the page cache and is not counted
-    defaults, other, naive = data["summary"]
+    defaults, other, naive, imports = data["summary"]
     assert defaults["variant"] == "defaults" and other["variant"].endswith("WORKERS=1") and naive["variant"] == "naive"
-    assert set(counted) == {"defaults", other["variant"], "naive"}
+    assert imports["variant"] == "imports only"
+    assert set(counted) == {"defaults", other["variant"], "naive", "imports only"}
     assert 0 < defaults["min_s"] <= defaults["median_s"] <= defaults["max_s"] < 180
     assert defaults["cold start / first (median of rounds)"] == 1.0
-    assert other["median_s"] > 0 and naive["median_s"] > 0
+    assert other["median_s"] > 0 and naive["median_s"] > 0 and imports["median_s"] > 0
     table = (tmp_path / "cold_start.md").read_text()
-    assert "WORKERS=1" in table and "| naive |" in table
+    assert "WORKERS=1" in table and "| naive |" in table and "| imports only |" in table and "onnxruntime" in table
+
+
+def test_a_launched_service_runs_from_bytecode_even_where_python_may_not_write_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the image (compiled at build) and a clone (written on its first start) run it; not compiled again
+    # at every launch, as PYTHONDONTWRITEBYTECODE would have it (benchmarks/results/cold-start-bytecode-2.md).
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # the launched server inherits it: it writes nothing
+    shutil.copytree(ROOT / "service", tmp_path / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    port = free_port()
+    system = System("service", [sys.executable, "-m", "service"], local_env(port), cwd=tmp_path)
+    process, _ = start(system, f"http://127.0.0.1:{port}", image_bytes((0, 0, 250)), tmp_path / "service.log")
+    stop(process)
+    compiled = {p.name.split(".")[0] for p in (tmp_path / "service" / "__pycache__").glob("*.pyc")}
+    assert compiled == {p.stem for p in (tmp_path / "service").glob("*.py")}
 
 
 def test_sweep_quick_writes_every_point_both_sets_and_the_plot(tmp_path: Path) -> None:
