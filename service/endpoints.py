@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from service.errors import InvalidParameter, ServiceError, error_response
 from service.inference import DataPlane
 from service.model import Classifier, Scored
-from service.payload import read_upload
+from service.payload import decimal, read_upload
 
 STATUS = "The car classification service is running!"
 MAX_TOP_K = 20
@@ -27,9 +27,10 @@ def _top_k(request: Request) -> int | None:
     raw = request.query_params.get("top_k")
     if raw is None:
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_TOP_K:
+    k = decimal(raw)
+    if k is None or not 1 <= k <= MAX_TOP_K:
         raise InvalidParameter(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {raw!r}")
-    return int(raw)
+    return k
 
 
 def _scored(item: Scored) -> dict[str, object]:

@@ -14,6 +14,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import RequestTimeout, error_response
+from service.payload import decimal
 
 _CLOSE = (b"connection", b"close")
 
@@ -28,8 +29,7 @@ class _Body:
         self._started = self._loop.time()
         self._grace_s = grace_s
         self._min_rate = min_rate
-        declared = headers.get("content-length", "")
-        self.declared = int(declared) if declared.isdigit() else None
+        self.declared = decimal(headers.get("content-length", ""))
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self.complete = not chunked and not self.declared
         # With `Expect: 100-continue` the client sends nothing until the server reads; uvicorn answers

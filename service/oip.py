@@ -31,7 +31,7 @@ from service.endpoints import UNTRAINED_SHORT, disconnected
 from service.errors import ServiceError
 from service.inference import Answer, DataPlane
 from service.model import Classifier
-from service.payload import decode_base64, read_body
+from service.payload import decimal, decode_base64, read_body
 from service.repository import LoadFailed, Repository
 
 SERVER_NAME = "car-classifier"
@@ -343,9 +343,10 @@ async def infer(request: Request) -> Response:
     body = await read_body(request, (limit * 4 + 2) // 3 + _FRAMING_BYTES, limit)
     declared = request.headers.get(HEADER_LENGTH.lower())
     if declared is not None:
-        if not declared.isdigit() or int(declared) > len(body):
+        length = decimal(declared)
+        if length is None or length > len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {declared!r} is not a length within the {len(body)}-byte body")
-        header, binary = body[: int(declared)], body[int(declared) :]
+        header, binary = body[:length], body[length:]
     else:
         header, binary = body, b""
     try:

@@ -76,9 +76,15 @@ async def _read_body(request: Request, body_limit: int, upload_limit: int) -> by
 
 
 def _check_declared_length(request: Request, body_limit: int, upload_limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > body_limit:
+    declared = decimal(request.headers.get("content-length", ""))
+    if declared is not None and declared > body_limit:
         raise _too_large(upload_limit)
+
+
+def decimal(text: str) -> int | None:
+    """A non-negative number as HTTP headers and query strings write it (ASCII digits only), else None.
+    str.isdigit() alone also takes "²" (int() then raises: a 500) and "٣" (int() reads 3)."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def decode_base64(text: str) -> bytes:

@@ -171,6 +171,18 @@ def test_binary_data_that_does_not_add_up_is_400(tiny_server: Server) -> None:
     assert answer.status_code == 400 and "binary_data_size" in answer.json()["error"]
 
 
+@pytest.mark.parametrize("declared", [b"\xb2", b"-1", b"1e3", b"9" * 30])
+def test_a_header_length_that_is_not_a_length_is_400(tiny_server: Server, declared: bytes) -> None:
+    # b"\xb2" reads as "²" (latin-1), a digit to str.isdigit() that int() refuses: it was a 500.
+    answer = httpx.post(
+        f"{tiny_server.url}/v2/models/{MODEL}/infer",
+        content=b'{"inputs": []}',
+        headers={"Inference-Header-Content-Length": declared},
+    )
+    assert answer.status_code == 400, answer.text
+    assert "Inference-Header-Content-Length" in answer.json()["error"]
+
+
 def test_more_images_than_allowed_is_413(tiny_artifact: Path, tmp_path: Path) -> None:
     with running_service(tiny_artifact, tmp_path / "server.log", MAX_IMAGES_PER_REQUEST="2") as server:
         client = _client(server)
