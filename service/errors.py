@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -82,8 +85,16 @@ class ShuttingDown(ServiceError):
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
+class ErrorJSON(JSONResponse):
+    """An error body, written in ASCII. Messages quote what the client sent, and JSON can send a lone surrogate
+    ("\\ud800"), which UTF-8 cannot encode: Starlette's rendering raised on it, and the answer became a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+    return ErrorJSON({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
 
 
 async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -17,6 +17,7 @@ output, BYTES [N, k] of `"score:index:label"`, best first.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service.endpoints import UNTRAINED_SHORT, disconnected
-from service.errors import ServiceError
+from service.errors import ErrorJSON, ServiceError
 from service.inference import Answer, DataPlane
 from service.model import Classifier
-from service.payload import decimal, decode_base64, read_body
+from service.payload import check_identity_encoding, decimal, decode_base64, parse_json, read_body
 from service.repository import LoadFailed, Repository
 
 SERVER_NAME = "car-classifier"
@@ -59,7 +60,7 @@ class ProtocolError(Exception):
 
 
 def error_response(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+    return ErrorJSON({"error": message}, status_code=status_code, headers=headers)
 
 
 def protocol(endpoint: Endpoint) -> Endpoint:
@@ -152,6 +153,14 @@ def _optional(document: dict[str, Any], key: str, kind: type, where: str) -> Any
     return value
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -189,7 +198,9 @@ def _input(value: object, where: str) -> tuple[dict[str, Any], Tensor]:
 def _parse(document: object, binary: bytes) -> tuple[dict[str, Any], Tensor, list[Requested]]:
     """The request's JSON (and binary data) -> its one input and the outputs asked for."""
     request = _object(document, "the inference request")
-    _optional(request, "id", str, "request")
+    identifier = _optional(request, "id", str, "request")
+    if identifier is not None and not _encodable(identifier):
+        raise ProtocolError("request.id holds a lone surrogate: it cannot be sent back as UTF-8")
     parameters = _optional(request, "parameters", dict, "request") or {}
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -244,7 +255,9 @@ def _output(value: object, where: str, default_binary: bool) -> Requested:
 
 
 def _count(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # In Python's integers: numpy's int64 product overflowed on [2**64] (a 500) and wrapped [2**60 + 1, ...]
+    # round to a count that the data then matched.
+    return math.prod(shape)
 
 
 def _encoded_images(tensor: Tensor) -> list[bytes | ServiceError]:
@@ -300,7 +313,12 @@ def _pixels(tensor: Tensor, model: Classifier) -> np.ndarray:
             raise ProtocolError(f"input {PIXELS_INPUT!r}: `data` must hold numbers only")
         if len(flat) != count:
             raise ProtocolError(f"input {PIXELS_INPUT!r} has shape {list(tensor.shape)} but {len(flat)} values")
-        values = np.asarray(flat, dtype=np.float32)
+        # Values past FP32's range become infinite (and are refused below); an integer past float64's raises.
+        with np.errstate(over="ignore"):
+            try:
+                values = np.asarray(flat, dtype=np.float32)
+            except OverflowError:
+                raise ProtocolError(f"input {PIXELS_INPUT!r} holds a value too large for FP32") from None
     if not np.isfinite(values).all():
         raise ProtocolError(f"input {PIXELS_INPUT!r} holds NaN or infinite values")
     return values.reshape(tensor.shape)
@@ -336,8 +354,7 @@ async def infer(request: Request) -> Response:
     plane = _plane(request)
     model = _model(request)
     deadline = plane.deadline()
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise ProtocolError("compressed requests (Content-Encoding) are not supported", 415)
+    check_identity_encoding(request)
     limit = plane.settings.max_upload_bytes
     # Room for the images as base64 in JSON, the largest form.
     body = await read_body(request, (limit * 4 + 2) // 3 + _FRAMING_BYTES, limit)
@@ -350,8 +367,8 @@ async def infer(request: Request) -> Response:
     else:
         header, binary = body, b""
     try:
-        document = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        document = parse_json(header)
+    except ValueError:
         raise ProtocolError("the inference request is not valid JSON") from None
     parsed, tensor, outputs = _parse(document, binary)
     gone = lambda: disconnected(request)  # noqa: E731
@@ -409,11 +426,11 @@ def _respond(
 
 @protocol
 async def load(request: Request) -> Response:
-    body = await read_body(request, _FRAMING_BYTES, _FRAMING_BYTES)
+    body = await read_body(request, _FRAMING_BYTES, _FRAMING_BYTES, "the limit of a load request")
     if body.strip():
         try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            document = parse_json(body)
+        except ValueError:
             raise ProtocolError("the load request is not valid JSON") from None
         parameters = _optional(_object(document, "the load request"), "parameters", dict, "request") or {}
         overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))

@@ -18,12 +18,14 @@ import binascii
 import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.errors import (
+    ClientDisconnected,
     EmptyImage,
     InvalidBase64,
     MalformedBody,
@@ -38,8 +40,8 @@ IMAGE_FIELDS = ("image", "file")
 _FRAMING_BYTES = 64 * 1024
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"the upload is larger than {limit:,} bytes (MAX_UPLOAD_BYTES)")
+def _too_large(limit: int, limit_name: str = "MAX_UPLOAD_BYTES") -> PayloadTooLarge:
+    return PayloadTooLarge(f"the upload is larger than {limit:,} bytes ({limit_name})")
 
 
 def too_many_images(count: int, limit: int) -> PayloadTooLarge:
@@ -55,36 +57,67 @@ class Upload:
     several: bool
 
 
-async def _limited_stream(request: Request, body_limit: int, upload_limit: int) -> AsyncGenerator[bytes, None]:
+async def _limited_stream(
+    request: Request, body_limit: int, upload_limit: int, limit_name: str = "MAX_UPLOAD_BYTES"
+) -> AsyncGenerator[bytes, None]:
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > body_limit:
-            raise _too_large(upload_limit)
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise _too_large(upload_limit, limit_name)
+            yield chunk
+    except ClientDisconnect:
+        # Nobody to answer; a 499 in the metrics, not a traceback in the log and a 500 (Starlette's own error).
+        raise ClientDisconnected(f"the client closed the connection after {received:,} bytes of its body") from None
 
 
-async def read_body(request: Request, body_limit: int, upload_limit: int) -> bytes:
-    """The whole body, refused with 413 (naming `upload_limit`) as soon as it passes `body_limit`."""
-    _check_declared_length(request, body_limit, upload_limit)
-    return await _read_body(request, body_limit, upload_limit)
+async def read_body(
+    request: Request, body_limit: int, upload_limit: int, limit_name: str = "MAX_UPLOAD_BYTES"
+) -> bytes:
+    """The whole body, refused with 413 (naming `upload_limit`, the setting `limit_name`) as soon as it passes
+    `body_limit`."""
+    _check_declared_length(request, body_limit, upload_limit, limit_name)
+    return await _read_body(request, body_limit, upload_limit, limit_name)
 
 
-async def _read_body(request: Request, body_limit: int, upload_limit: int) -> bytes:
-    chunks = [chunk async for chunk in _limited_stream(request, body_limit, upload_limit)]
+async def _read_body(
+    request: Request, body_limit: int, upload_limit: int, limit_name: str = "MAX_UPLOAD_BYTES"
+) -> bytes:
+    chunks = [chunk async for chunk in _limited_stream(request, body_limit, upload_limit, limit_name)]
     return b"".join(chunks)
 
 
-def _check_declared_length(request: Request, body_limit: int, upload_limit: int) -> None:
+def _check_declared_length(
+    request: Request, body_limit: int, upload_limit: int, limit_name: str = "MAX_UPLOAD_BYTES"
+) -> None:
     declared = decimal(request.headers.get("content-length", ""))
     if declared is not None and declared > body_limit:
-        raise _too_large(upload_limit)
+        raise _too_large(upload_limit, limit_name)
 
 
 def decimal(text: str) -> int | None:
     """A non-negative number as HTTP headers and query strings write it (ASCII digits only), else None.
-    str.isdigit() alone also takes "²" (int() then raises: a 500) and "٣" (int() reads 3)."""
-    return int(text) if text.isascii() and text.isdigit() else None
+    str.isdigit() alone also takes "²" (int() then raises: a 500) and "٣" (int() reads 3). More than 18 digits:
+    None too, a number past every limit here (and int() refuses more than 4300 digits)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def parse_json(raw: bytes) -> Any:
+    """A client's JSON document; ValueError, whatever is wrong with it. Besides malformed JSON and bytes that
+    are not UTF-8, json.loads raises ValueError on an integer of more than 4300 digits and RecursionError on
+    arrays nested about a thousand deep: both were 500s."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
+def check_identity_encoding(request: Request) -> None:
+    """415 for a compressed body (RFC 7694): read as it is, a gzipped image would fail as an undecodable one."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"compressed request bodies (Content-Encoding: {encoding}) are not supported")
 
 
 def decode_base64(text: str) -> bytes:
@@ -127,6 +160,11 @@ async def _from_multipart(request: Request, body_limit: int, upload_limit: int, 
                 f"more parts than MAX_IMAGES_PER_REQUEST ({max_images}) allows: {exc.message}"
             ) from None
         raise MalformedBody(f"malformed multipart body: {exc.message}") from None
+    except UnicodeError as exc:
+        # Part names, filenames and text fields are decoded with the body's `charset`. Starlette falls back to
+        # latin-1 for bytes that do not decode and for names that are no codec, but a codec such as "undefined",
+        # "idna" or "punycode" raises plain UnicodeError, which it let through: a 500.
+        raise MalformedBody(f"malformed multipart body: its parts cannot be decoded as its charset ({exc})") from None
     try:
         for name in IMAGE_FIELDS:
             values = form.getlist(name)
@@ -151,8 +189,8 @@ async def _from_multipart(request: Request, body_limit: int, upload_limit: int, 
 async def _from_json(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:
     body = await _read_body(request, body_limit, upload_limit)
     try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        document = parse_json(body)
+    except ValueError:
         raise MissingImage('the JSON body is not valid JSON; send {"image": "<base64>"}') from None
     if isinstance(document, dict) and "image" not in document and "images" in document:
         listed = document["images"]
@@ -186,6 +224,7 @@ def _checked(data: bytes | ServiceError, max_upload_bytes: int) -> bytes | Servi
 
 async def read_upload(request: Request, max_upload_bytes: int, max_images: int) -> Upload:
     """The request's images. A request of one image raises that image's error, as it always did."""
+    check_identity_encoding(request)
     content_type = request.headers.get("content-type", "")
     media_type = content_type.partition(";")[0].strip().lower()
 
