@@ -148,7 +148,18 @@ def measure(
     url = f"http://127.0.0.1:{port}"
     tag = f"{tag}-{image_set}-{users}-{contender.name}".replace(" ", "_").replace("/", "_").replace("@", "")
     system = contender.system(port)
-    process, cold_start = start(system, url, images[0], work / f"{tag}.log")
+    launch_failures: list[str] = []
+    while True:
+        try:
+            process, cold_start = start(system, url, images[0], work / f"{tag}.log")
+            break
+        except RuntimeError as exc:
+            # pytriton's start sometimes loses the race with its own Python backend's handshake ("Connection
+            # refused" in model.py's initialize) and exits: launched once more, and the point says so. Ours and
+            # the naive server never get a second launch: one that fails to start stops the sweep.
+            if contender.triton_python is None or launch_failures:
+                raise
+            launch_failures.append(str(exc).splitlines()[0])
     try:
         warm_up(url, images, users, args.warmup, request=system.request or multipart_request)
         sampler = RssSampler(process.pid)
@@ -173,6 +184,7 @@ def measure(
         "p99_over_p50": load["p99_over_p50"],
         "peak_rss_mb": rss["peak_mb"],
         "cold_start_s": round(cold_start, 3),
+        **({"launch_failures": launch_failures} if launch_failures else {}),
         # How busy the shared machine was: other work on these cores skews a point (and a spinning engine more).
         "machine_idle": cpu.machine_idle(before, after),
         "load_average_1min": round(os.getloadavg()[0], 2),
@@ -339,6 +351,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "1-minute load average at the end of the point (the machine has "
         f"{m['cores_available']} cores; above that, other work was queued for them).",
         *_busy_machine_warning(result),
+        *[
+            f"Launched twice: {p['system']}, {p['set']} set, {p['users']} clients, round {p['round']} (the first "
+            f"launch: {'; '.join(p['launch_failures'])})."
+            for p in result["points"]
+            if p.get("launch_failures")
+        ],
         "",
         "**Ours / naive, same round** (throughput > 1 and latency < 1 favour ours):",
         "",
