@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks import payloads
-from benchmarks.report import provenance, save
+from benchmarks.report import command_line, provenance, save
 from benchmarks.run import ROOT
 from service.imaging import decode_rgb, open_image, resize, scale_values
 from service.manifest import Manifest
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = time_stages(images, ROOT / "artifacts", args.repeats)
     median = {stage: round(statistics.median(values), 3) for stage, values in passes.items()}
     result = {
-        **provenance("python -m benchmarks.preprocess" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")),
+        **provenance(command_line("python -m benchmarks.preprocess", argv)),
         "images": len(images),
         "mean_kb": round(sum(map(len, images)) / len(images) / 1000, 1),
         "ms_per_image": median | {"total": round(sum(median.values()), 3)},

@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 
 from benchmarks import engine, payloads, window
-from benchmarks.report import markdown, provenance, save, write_plot
+from benchmarks.report import command_line, markdown, provenance, save, write_plot
 from service.imaging import preprocess
 from service.manifest import Manifest
 
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "name": name,
         "quick": args.quick,
-        **provenance("python -m benchmarks.run" + (" --quick" if args.quick else "")),
+        **provenance(command_line("python -m benchmarks.run", argv)),
         "profile": vars(profile),
         "images": {"count": len(images), "sizes": [f"{w}x{h}" for w, h in payloads.SIZES]},
         "artifact": {"sha256": manifest.model.sha256, "quantization": manifest.model.quantization},

@@ -62,6 +62,7 @@ def _run_benchmark(module: str, *args: str, out: Path, result: str, timeout: int
 
 def test_quick_benchmark_runs_every_system(tmp_path: Path) -> None:
     data = _run_benchmark("run", "--quick", out=tmp_path, result="quick", timeout=900)
+    assert data["command"] == f"python -m benchmarks.run --quick --out {tmp_path}"  # as typed, every argument
     assert {s["system"] for s in data["systems"]} == SYSTEMS
     for system in data["systems"]:
         assert system["requests"] > system["errors"] >= 0, system
@@ -187,6 +188,7 @@ def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
     assert all(stages[s] > 0 for s in ("header", "decode", "resize")), stages
     assert stages["total"] == pytest.approx(stages["header"] + stages["decode"] + stages["resize"], abs=0.01)
     assert data["images"] == 48 and "| decode |" in (tmp_path / "preprocess.md").read_text()
+    assert data["command"] == f"python -m benchmarks.preprocess --repeats 1 --out {tmp_path}"
 
 
 @pytest.mark.usefixtures("git_checkout")
