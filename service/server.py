@@ -12,6 +12,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from service.app import create_app
 from service.model import Classifier
+from service.protocol import HttpProtocol
 from service.settings import Settings
 
 
@@ -49,6 +50,8 @@ def serve(settings: Settings, classifier: Classifier) -> int:
         access_log=False,
         # No WebSocket routes; "auto" would import wsproto at start-up (20 ms of the cold start).
         ws="none",
+        # A request uvicorn cannot parse is answered in JSON like every other error (service/protocol.py).
+        http=HttpProtocol,
         # Above the idle timeouts of common load balancers (60 s): uvicorn's 5 s makes a proxy reuse a
         # connection the server has just closed, and the client gets a 502 (kserve/kserve#5446).
         timeout_keep_alive=settings.timeout_keep_alive_s,

@@ -181,6 +181,31 @@ def test_a_client_that_hangs_up_inside_its_body_is_a_499_not_a_500(tiny_server: 
     assert grown == {"499": 1}, (grown, tiny_server.output()[-3000:])
 
 
+NOT_HTTP = {
+    "not HTTP at all": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello on the plain port
+    "a header line without a colon": b"GET /ping HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    "a broken chunk size": b"POST /infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", NOT_HTTP.values(), ids=NOT_HTTP.keys())
+def test_bytes_that_are_not_http_get_a_json_400(tiny_server: Server, raw: bytes) -> None:
+    # They never reach the app; uvicorn answered them in plain text (service/protocol.py).
+    url = urlsplit(tiny_server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("ascii").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert lines[0] == "HTTP/1.1 400 Bad Request", answer
+    assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body), answer
+    assert json.loads(body)["error"]["code"] == "malformed_http", body
+    assert "server" not in headers and httpx.get(f"{tiny_server.url}/ping").status_code == 200
+
+
 def test_the_server_logged_no_traceback(tiny_server: Server) -> None:
     # Last in this module: every case above went to this server (its own, module-scoped).
     with warnings.catch_warnings():
