@@ -34,6 +34,12 @@ class MalformedBody(ServiceError):
     status_code, code = 400, "malformed_body"
 
 
+class MalformedHTTP(ServiceError):
+    """Bytes uvicorn cannot parse as HTTP; answered by service/protocol.py, since they never reach the app."""
+
+    status_code, code = 400, "malformed_http"
+
+
 class Unauthorized(ServiceError):
     status_code, code = 401, "unauthorized"
 

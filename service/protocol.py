@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.errors import error_response
+from service.errors import MalformedHTTP, error_response
 
 
 class HttpProtocol(HttpToolsProtocol):
     """httptools' parser, as uvicorn picks it by default where httptools is installed (requirements-serve.txt)."""
 
     def send_400_response(self, msg: str) -> None:
-        body = error_response(400, "malformed_http", msg).body
-        head = [STATUS_LINE[400]]
+        body = error_response(MalformedHTTP.status_code, MalformedHTTP.code, msg).body
+        head = [STATUS_LINE[MalformedHTTP.status_code]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)]
