@@ -18,7 +18,8 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 ROLES = ("inference", "decode", "event loop", "other")
 
 
-def _role(name: str, main: bool) -> str:
+def role(name: str, main: bool) -> str:
+    """What a thread does, by its name (service/threads.py names them); `main`: the process's own thread."""
     if main:
         return "event loop"
     prefix = name.rstrip("0123456789").rstrip("_")
@@ -50,7 +51,7 @@ def snapshot(pid: int, load_pid: int | None = None) -> Snapshot:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            by_role[_role(name, task.name == str(pid))] += _cpu_s((task / "stat").read_text())
+            by_role[role(name, task.name == str(pid))] += _cpu_s((task / "stat").read_text())
         except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
             continue
     load = 0.0

@@ -181,6 +181,22 @@ def test_ab_variants_parse_settings_and_refuse_junk() -> None:
             parse_variant(junk)
 
 
+def test_libraries_profiles_the_service_by_thread_and_library(tmp_path: Path) -> None:
+    data = _run_benchmark(
+        "libraries", "--variant", "", "--rounds", "1", "--seconds", "12", out=tmp_path, result="libraries"
+    )
+    ((run,),) = [list(r["runs"].values()) for r in data["rounds"]]
+    assert run["errors"] == 0 and run["window"]["answered"] > 0, run
+    (summary,) = data["summary"]
+    cells = summary["ms_per_request"]
+    # Each thread role is told apart, and each spends its time where its work is: the engine in onnxruntime,
+    # the decoder in libjpeg (the committed images are JPEGs), the event loop in Python.
+    assert cells["inference"]["onnxruntime"] > cells["inference"].get("libjpeg", 0.0), cells
+    assert cells["decode"]["libjpeg"] > cells["decode"].get("onnxruntime", 0.0), cells
+    assert cells["event loop"]["python"] > cells["event loop"].get("onnxruntime", 0.0), cells
+    assert "| defaults | inference |" in (tmp_path / "libraries.md").read_text()
+
+
 def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
     data = _run_benchmark("preprocess", "--repeats", "1", out=tmp_path, result="preprocess")
     stages = data["ms_per_image"]

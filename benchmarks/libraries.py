@@ -1,0 +1,191 @@
+"""Where each thread's CPU goes, by library: Linux perf samples of the service under the benchmarks.ab load.
+
+    python -m benchmarks.libraries --variant @eacc010 --variant ""            # 2 rounds, about 3 minutes
+    python -m benchmarks.libraries --variant "" --variant @exp-combo --rounds 3 --name libraries-heap
+
+benchmarks.ab says how much CPU each thread role spends per answered request; when two versions differ there,
+this says in which library: onnxruntime itself, the C library (malloc), the kernel (page faults, futexes),
+Python, numpy, libjpeg. Each run: a fresh server per variant (settings and/or `@REV`, as in benchmarks.ab),
+warmed up, 8 Locust users; meanwhile `perf record -e cpu-clock` samples the server's threads at FREQUENCY_HZ
+(a software clock: no hardware counters needed, so it works in a VM), and the answers the service counted over
+the same span turn samples into milliseconds per answered request. Needs `perf` (Debian's linux-perf) and
+kernel.perf_event_paranoid <= 2 (the default), enough to sample one's own processes. Writes
+results/<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks import payloads, window
+from benchmarks.ab import USERS, Variant, add_variant_option, alternating, service_code
+from benchmarks.cpu import ROLES, role
+from benchmarks.report import command_line, provenance, save
+from benchmarks.run import System, local_env, under_load
+
+HERE = Path(__file__).resolve().parent
+FREQUENCY_HZ = 999  # not 1000: sampling in step with the kernel's 1000 Hz timer would see the same instants
+# Library file name prefixes, in the order they are tried, and the group each is counted in.
+GROUPS = (
+    ("onnxruntime", "onnxruntime"),
+    ("libc.so", "libc (malloc, memcpy)"),
+    ("[kernel", "kernel"),
+    ("libpython", "python"),
+    ("_multiarray", "numpy"),
+    ("libjpeg", "libjpeg"),
+    ("_imaging", "pillow"),
+)
+OTHER = "other"
+
+
+def group(library: str) -> str:
+    """The group a library (perf's dso column) is counted in."""
+    return next((name for prefix, name in GROUPS if library.startswith(prefix)), OTHER)
+
+
+def samples(report: str, pid: int) -> dict[tuple[str, str], int]:
+    """Samples per (thread role, library) of process `pid`, from `perf report --stdio --sort pid,dso -F
+    sample,pid,dso` (lines `N  TID:NAME  LIBRARY`; the thread whose id is the process's runs the event loop)."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for line in report.splitlines():
+        fields = line.split()
+        if len(fields) < 3 or line.startswith("#") or not fields[0].isdigit():
+            continue
+        tid, _, name = fields[1].partition(":")
+        counts[(role(name, tid == str(pid)), " ".join(fields[2:]))] += int(fields[0])
+    return dict(counts)
+
+
+def record(pid: int, out: Path, seconds: float) -> dict[tuple[str, str], int]:
+    """Sample process `pid`'s threads for `seconds`; samples per (thread role, library)."""
+    perf = subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQUENCY_HZ), "-p", str(pid), "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(seconds)
+    perf.send_signal(signal.SIGINT)  # perf writes its file on SIGINT
+    _, err = perf.communicate(timeout=60)
+    if perf.returncode not in (0, -signal.SIGINT) or not out.exists():
+        raise RuntimeError(f"perf record failed ({perf.returncode}): {err.decode().strip()}")
+    report = subprocess.run(
+        ["perf", "report", "-i", str(out), "--stdio", "--no-children", "-g", "none", "--sort", "pid,dso",
+         "-F", "sample,pid,dso"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return samples(report.stdout, pid)
+
+
+def per_request_ms(counts: dict[tuple[str, str], int], answered: int) -> dict[str, dict[str, float]]:
+    """CPU ms per answered request, by thread role and library group."""
+    table: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for (thread_role, library), n in counts.items():
+        table[thread_role][group(library)] += n * 1000 / FREQUENCY_HZ / answered
+    return {r: {g: round(ms, 3) for g, ms in groups.items()} for r, groups in table.items()}
+
+
+def _service(tag: str, env: dict[str, str], code: Path, port: int) -> System:
+    return System(tag, [sys.executable, "-m", "service"], local_env(port) | env, cwd=code)
+
+
+def profiled(url: str, service_pid: int, load_pid: int, seconds: float, out: Path) -> dict[str, Any]:
+    """While Locust runs: from its first answers plus window.SETTLE_S, perf for the middle of the phase."""
+    first = window.answered(url)
+    deadline = time.perf_counter() + 60
+    while window.answered(url) == first and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    time.sleep(window.SETTLE_S)
+    before = window.answered(url)
+    span = seconds - window.SETTLE_S - window.TAIL_S
+    counts = record(service_pid, out, span)
+    answered = window.answered(url) - before
+    return {"seconds": round(span, 1), "answered": answered, "ms_per_request": per_request_ms(counts, answered)}
+
+
+def summarize(variants: list[Variant], rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for variant in variants:
+        runs = [r["runs"][variant.label]["window"] for r in rounds]
+        cells: dict[str, dict[str, float]] = {}
+        for r in ROLES:
+            groups = {g for run in runs for g in run["ms_per_request"].get(r, {})}
+            cells[r] = {
+                g: round(statistics.median(run["ms_per_request"].get(r, {}).get(g, 0.0) for run in runs), 2)
+                for g in sorted(groups)
+            }
+        out.append({"variant": variant.label, "answered_per_s": [round(x["answered"] / x["seconds"], 1) for x in runs],
+                    "ms_per_request": cells})  # fmt: skip
+    return out
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    groups = [name for _, name in GROUPS] + [OTHER]
+    lines = [
+        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
+        f"available, Python {m['python']}. {len(result['rounds'])} rounds; each run: fresh server, {USERS} Locust "
+        f"users for {result['seconds']} s, 48 distinct JPEGs, `perf record -e cpu-clock -F {FREQUENCY_HZ}` on the "
+        "server over the middle of the phase. CPU ms per answered request (median of rounds), by thread and library.",
+        "",
+        f"| variant | thread | {' | '.join(groups)} | all |",
+        "|---|---|" + "---|" * (len(groups) + 1),
+    ]
+    for s in result["summary"]:
+        for r, cells in s["ms_per_request"].items():
+            if not cells:
+                continue
+            values = [cells.get(g, 0.0) for g in groups]
+            lines.append(f"| {s['variant']} | {r} | {' | '.join(f'{v:.2f}' for v in values)} | {sum(values):.2f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.libraries", description=__doc__.split("\n\n")[0])
+    add_variant_option(parser)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=int, default=25, help="each run's Locust phase")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default="libraries")
+    args = parser.parse_args(argv)
+    variants: list[Variant] = args.variant
+    if args.seconds < window.SETTLE_S + window.TAIL_S + 6:
+        parser.error(f"--seconds must be at least {window.SETTLE_S + window.TAIL_S + 6:g}")
+
+    images = payloads.image_bytes()
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="libraries-") as tmp:
+        work = Path(tmp)
+        code = service_code(variants, work)
+        for i in range(args.rounds):
+            runs = {}
+            for j, v in enumerate(alternating(variants, i)):
+                tag = f"round{i}-{j}"
+                system_on = partial(_service, tag, v.env, code[v.label])
+                during = partial(profiled, seconds=args.seconds, out=work / f"{tag}.perf")
+                runs[v.label] = under_load(system_on, images, args.seconds, work, tag, USERS, during=during)
+                print(f"round {i} {v.label}: {runs[v.label]['window']}", flush=True)
+            rounds.append({"round": i, "runs": runs})
+    result = {
+        **provenance(command_line("python -m benchmarks.libraries", argv)),
+        "seconds": args.seconds,
+        "frequency_hz": FREQUENCY_HZ,
+        "variants": [v.label for v in variants],
+        "rounds": rounds,
+        "summary": summarize(variants, rounds),
+    }
+    save(args.out, args.name, result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
