@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -103,6 +104,39 @@ def alternating(variants: list[T], round_index: int) -> list[T]:
     return variants if round_index % 2 == 0 else variants[::-1]
 
 
+def add_run_options(parser: argparse.ArgumentParser, *, rounds: int, seconds: int, name: str) -> None:
+    """The options of a harness that runs variants in interleaved rounds (this one, benchmarks.libraries)."""
+    add_variant_option(parser)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=int, default=seconds, help="each run's Locust phase")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default=name)
+
+
+def check_seconds(parser: argparse.ArgumentParser, seconds: float) -> None:
+    if seconds < window.SETTLE_S + window.TAIL_S + 6:
+        parser.error(f"--seconds must be at least {window.SETTLE_S + window.TAIL_S + 6:g}")
+
+
+def interleaved(
+    variants: list[Variant], rounds: int, run: Callable[[Variant, Path, Path, str], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`rounds` rounds, each running every variant once in alternating order: `run(variant, code, work, tag)`,
+    with `code` the folder to run its `python -m service` in and `work` a scratch folder for the whole run."""
+    done = []
+    with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
+        work = Path(tmp)
+        code = service_code(variants, work)
+        for i in range(rounds):
+            order = alternating(variants, i)
+            runs = {}
+            for j, v in enumerate(order):
+                runs[v.label] = run(v, code[v.label], work, f"round{i}-{j}")
+                print(f"round {i} {v.label}: {runs[v.label].get('window')}", flush=True)
+            done.append({"round": i, "order": [v.label for v in order], "runs": runs})
+    return done
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -164,31 +198,19 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.split("\n\n")[0])
-    add_variant_option(parser)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=int, default=30, help="each run's Locust phase")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--name", default="ab")
+    add_run_options(parser, rounds=4, seconds=30, name="ab")
     args = parser.parse_args(argv)
     variants: list[Variant] = args.variant
     if len(variants) < 2 or len({v.label for v in variants}) != len(variants):
         parser.error("give at least two different --variant")
-    if args.seconds < window.SETTLE_S + window.TAIL_S + 6:
-        parser.error(f"--seconds must be at least {window.SETTLE_S + window.TAIL_S + 6:g}")
+    check_seconds(parser, args.seconds)
 
     images = payloads.image_bytes()
-    rounds = []
-    with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
-        work = Path(tmp)
-        code = service_code(variants, work)
-        for i in range(args.rounds):
-            order = alternating(variants, i)
-            runs = {}
-            for j, v in enumerate(order):
-                where = code[v.label]
-                runs[v.label] = service_under_load(v.env, images, args.seconds, work, f"round{i}-{j}", USERS, where)
-                print(f"round {i} {v.label}: {runs[v.label]['window']}", flush=True)
-            rounds.append({"round": i, "order": [v.label for v in order], "runs": runs})
+
+    def run(variant: Variant, code: Path, work: Path, tag: str) -> dict[str, Any]:
+        return service_under_load(variant.env, images, args.seconds, work, tag, USERS, code)
+
+    rounds = interleaved(variants, args.rounds, run)
     result = {
         **provenance(command_line("python -m benchmarks.ab", argv)),
         "seconds": args.seconds,

@@ -20,7 +20,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from functools import partial
@@ -28,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import payloads, window
-from benchmarks.ab import USERS, Variant, add_variant_option, alternating, service_code
+from benchmarks.ab import USERS, Variant, add_run_options, check_seconds, interleaved
 from benchmarks.cpu import ROLES, role
 from benchmarks.report import command_line, provenance, save
 from benchmarks.run import System, local_env, under_load
 
-HERE = Path(__file__).resolve().parent
 FREQUENCY_HZ = 999  # not 1000: sampling in step with the kernel's 1000 Hz timer would see the same instants
 # Library file name prefixes, in the order they are tried, and the group each is counted in.
 GROUPS = (
@@ -151,30 +149,19 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.libraries", description=__doc__.split("\n\n")[0])
-    add_variant_option(parser)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--seconds", type=int, default=25, help="each run's Locust phase")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--name", default="libraries")
+    add_run_options(parser, rounds=2, seconds=25, name="libraries")
     args = parser.parse_args(argv)
     variants: list[Variant] = args.variant
-    if args.seconds < window.SETTLE_S + window.TAIL_S + 6:
-        parser.error(f"--seconds must be at least {window.SETTLE_S + window.TAIL_S + 6:g}")
+    check_seconds(parser, args.seconds)
 
     images = payloads.image_bytes()
-    rounds = []
-    with tempfile.TemporaryDirectory(prefix="libraries-") as tmp:
-        work = Path(tmp)
-        code = service_code(variants, work)
-        for i in range(args.rounds):
-            runs = {}
-            for j, v in enumerate(alternating(variants, i)):
-                tag = f"round{i}-{j}"
-                system_on = partial(_service, tag, v.env, code[v.label])
-                during = partial(profiled, seconds=args.seconds, out=work / f"{tag}.perf")
-                runs[v.label] = under_load(system_on, images, args.seconds, work, tag, USERS, during=during)
-                print(f"round {i} {v.label}: {runs[v.label]['window']}", flush=True)
-            rounds.append({"round": i, "runs": runs})
+
+    def run(variant: Variant, code: Path, work: Path, tag: str) -> dict[str, Any]:
+        system_on = partial(_service, tag, variant.env, code)
+        during = partial(profiled, seconds=args.seconds, out=work / f"{tag}.perf")
+        return under_load(system_on, images, args.seconds, work, tag, USERS, during=during)
+
+    rounds = interleaved(variants, args.rounds, run)
     result = {
         **provenance(command_line("python -m benchmarks.libraries", argv)),
         "seconds": args.seconds,
