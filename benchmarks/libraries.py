@@ -19,7 +19,6 @@ import argparse
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from functools import partial
@@ -30,7 +29,7 @@ from benchmarks import payloads, window
 from benchmarks.ab import USERS, Variant, add_run_options, check_seconds, interleaved
 from benchmarks.cpu import ROLES, role
 from benchmarks.report import command_line, provenance, save
-from benchmarks.run import System, local_env, under_load
+from benchmarks.run import service_system, under_load
 
 FREQUENCY_HZ = 999  # not 1000: sampling in step with the kernel's 1000 Hz timer would see the same instants
 # Library file name prefixes, in the order they are tried, and the group each is counted in.
@@ -92,19 +91,11 @@ def per_request_ms(counts: dict[tuple[str, str], int], answered: int) -> dict[st
     return {r: {g: round(ms, 3) for g, ms in groups.items()} for r, groups in table.items()}
 
 
-def _service(tag: str, env: dict[str, str], code: Path, port: int) -> System:
-    return System(tag, [sys.executable, "-m", "service"], local_env(port) | env, cwd=code)
-
-
 def profiled(url: str, service_pid: int, load_pid: int, seconds: float, out: Path) -> dict[str, Any]:
-    """While Locust runs: from its first answers plus window.SETTLE_S, perf for the middle of the phase."""
-    first = window.answered(url)
-    deadline = time.perf_counter() + 60
-    while window.answered(url) == first and time.perf_counter() < deadline:
-        time.sleep(0.2)
-    time.sleep(window.SETTLE_S)
+    """While Locust runs: perf over the same steady-state window as benchmarks/window.py measures."""
+    window.settle(url)
     before = window.answered(url)
-    span = seconds - window.SETTLE_S - window.TAIL_S
+    span = window.span_s(seconds)
     counts = record(service_pid, out, span)
     answered = window.answered(url) - before
     return {"seconds": round(span, 1), "answered": answered, "ms_per_request": per_request_ms(counts, answered)}
@@ -157,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     images = payloads.image_bytes()
 
     def run(variant: Variant, code: Path, work: Path, tag: str) -> dict[str, Any]:
-        system_on = partial(_service, tag, variant.env, code)
+        system_on = partial(service_system, tag, variant.env, code)
         during = partial(profiled, seconds=args.seconds, out=work / f"{tag}.perf")
         return under_load(system_on, images, args.seconds, work, tag, USERS, during=during)
 

@@ -357,10 +357,13 @@ def service_under_load(
     """A fresh `python -m service` from `code` on the committed artifact (plus `env`), warmed up, then `users`
     Locust users for `seconds`, with its steady-state window (benchmarks/window.py). Locust's summary + "window"."""
 
-    def system_on(port: int) -> System:
-        return System(tag, [sys.executable, "-m", "service"], local_env(port) | env, cwd=code)
-
+    system_on = partial(service_system, tag, env, code)
     return under_load(system_on, images, seconds, work, tag, users, during=partial(window.measure, duration_s=seconds))
+
+
+def service_system(tag: str, env: dict[str, str], code: Path, port: int) -> System:
+    """`python -m service` from `code` on the committed artifact, on `port`, with `env` added."""
+    return System(tag, [sys.executable, "-m", "service"], local_env(port) | env, cwd=code)
 
 
 def venv_size_mb(requirements: Path, work: Path) -> float:

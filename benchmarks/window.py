@@ -36,16 +36,26 @@ def answered(url: str) -> int:
     return 0
 
 
-def measure(url: str, service_pid: int, load_pid: int, duration_s: float) -> dict[str, Any]:
-    """Blocks while a load generator (`load_pid`) drives the service for `duration_s`: until its first
-    answers, SETTLE_S more, then the window, which ends TAIL_S before the load phase does."""
+def settle(url: str) -> None:
+    """Blocks until the service has answered the load generator's first requests, then SETTLE_S more."""
     first = answered(url)
     deadline = time.perf_counter() + 60
     while answered(url) == first and time.perf_counter() < deadline:  # the load generator is still starting
         time.sleep(0.2)
     time.sleep(SETTLE_S)
+
+
+def span_s(duration_s: float) -> float:
+    """How long the window of a `duration_s` load phase lasts."""
+    return duration_s - SETTLE_S - TAIL_S
+
+
+def measure(url: str, service_pid: int, load_pid: int, duration_s: float) -> dict[str, Any]:
+    """Blocks while a load generator (`load_pid`) drives the service for `duration_s`: until its first
+    answers, SETTLE_S more, then the window, which ends TAIL_S before the load phase does."""
+    settle(url)
     count0, before = answered(url), cpu.snapshot(service_pid, load_pid)
-    time.sleep(duration_s - SETTLE_S - TAIL_S)
+    time.sleep(span_s(duration_s))
     count1, after = answered(url), cpu.snapshot(service_pid, load_pid)
     requests = count1 - count0
     return {

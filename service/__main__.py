@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from service.memory import limit_arenas
@@ -13,16 +11,10 @@ from service.model import ArtifactError, Classifier
 from service.settings import Settings, SettingsError
 
 
-def _arenas_chosen(environ: Mapping[str, str]) -> bool:
-    """Whether the environment sets glibc's malloc arena count (MALLOC_ARENA_MAX, glibc.malloc.arena_max)."""
-    return "MALLOC_ARENA_MAX" in environ or "glibc.malloc.arena_max=" in environ.get("GLIBC_TUNABLES", "")
-
-
 def main() -> int:
-    # Before any thread starts: the loader, decode and inference threads then share one heap. An operator who
-    # set glibc's own MALLOC_ARENA_MAX (or its tunable) chose otherwise, and glibc has applied it already.
-    if not _arenas_chosen(os.environ):
-        limit_arenas(1)
+    # Before any thread starts: the loader, decode and inference threads then share one heap (unless the
+    # operator set glibc's own arena count: service/memory.py).
+    limit_arenas(1)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

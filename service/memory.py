@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 _M_ARENA_MAX = -8  # malloc.h
@@ -25,6 +26,8 @@ LIBC = _libc()
 
 def limit_arenas(count: int) -> bool:
     """Let the threads allocated from here on share `count` malloc arenas; whether this libc took the setting.
+    An arena count already set in the environment (glibc's MALLOC_ARENA_MAX, or glibc.malloc.arena_max in
+    GLIBC_TUNABLES) is the operator's choice, applied by glibc at start-up: it is kept, and this returns False.
 
     By default glibc gives each new thread its own arena, up to 8 per core, and each keeps what was freed in
     it. A lone image is decoded on an inference thread and a queued one on a decode thread, so each of those
@@ -32,6 +35,8 @@ def limit_arenas(count: int) -> bool:
     with one arena, 171.1 before lone images were decoded there (benchmarks/results/sweep-fast-lone-arenas.md).
     Call before the threads start: a thread keeps the arena it was given.
     """
+    if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max=" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
     mallopt = getattr(LIBC, "mallopt", None)
     return bool(mallopt is not None and mallopt(_M_ARENA_MAX, count) == 1)
 
