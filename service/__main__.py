@@ -6,15 +6,11 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from service.memory import limit_arenas
 from service.model import ArtifactError, Classifier
 from service.settings import Settings, SettingsError
 
 
 def main() -> int:
-    # Before any thread starts: the loader, decode and inference threads then share one heap (unless the
-    # operator set glibc's own arena count: service/memory.py).
-    limit_arenas(1)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

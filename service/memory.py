@@ -1,12 +1,16 @@
-"""The process's C library, and its heap (glibc malloc): how many arenas it keeps, freed pages handed back."""
+"""The process's C library, and its heap (glibc malloc): freed pages handed back.
+
+The arenas are glibc's default, one per thread that allocates (up to 8 per core): the engine threads then
+do not take each other's malloc lock. At 8 clients that answered 1.024 of eacc010's requests against 0.952
+with one shared arena, and peak RSS stayed under 200 MB once a decoding's float temporaries were a band of
+rows (service/imaging.py): benchmarks/results/ab-banded-resize-arenas.md, sweep-banded-resize-arenas.md. An
+operator who prefers the least memory sets glibc's own MALLOC_ARENA_MAX=1 (docs/operations.md).
+"""
 
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
-
-_M_ARENA_MAX = -8  # malloc.h
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -22,23 +26,6 @@ def _libc() -> ctypes.CDLL | None:
 
 LIBC = _libc()
 """The C library this process runs on (Linux), loaded once; None elsewhere."""
-
-
-def limit_arenas(count: int) -> bool:
-    """Let the threads allocated from here on share `count` malloc arenas; whether this libc took the setting.
-    An arena count already set in the environment (glibc's MALLOC_ARENA_MAX, or glibc.malloc.arena_max in
-    GLIBC_TUNABLES) is the operator's choice, applied by glibc at start-up: it is kept, and this returns False.
-
-    By default glibc gives each new thread its own arena, up to 8 per core, and each keeps what was freed in
-    it. A lone image is decoded on an inference thread and a queued one on a decode thread, so each of those
-    threads' arenas held a decoding's worth of freed buffers: peak RSS at 2 clients 198.6 MB with them, 179.0
-    with one arena, 171.1 before lone images were decoded there (benchmarks/results/sweep-fast-lone-arenas.md).
-    Call before the threads start: a thread keeps the arena it was given.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max=" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    mallopt = getattr(LIBC, "mallopt", None)
-    return bool(mallopt is not None and mallopt(_M_ARENA_MAX, count) == 1)
 
 
 def trim_heap() -> None:
