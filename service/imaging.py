@@ -136,6 +136,9 @@ def _resize_plan(in_height: int, in_width: int, channels: int, height: int, widt
     return plan
 
 
+_BAND_ROWS = 64  # 5 bands for a 300-row output; each float temporary then 64 x 900 x 4 bytes (230 KB)
+
+
 def resize_bilinear_tf(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize HxWxC uint8 like `tf.image.resize(x, (height, width))`: bilinear, half-pixel centres, no antialias.
 
@@ -164,9 +167,6 @@ def resize_bilinear_tf(pixels: np.ndarray, height: int, width: int) -> np.ndarra
         _lerp_into(bottom, bottom_right, plan.column_weights, bottom)
         _lerp_into(top, bottom, plan.row_weights[band], resized[band])
     return resized.reshape(height, width, channels)
-
-
-_BAND_ROWS = 64
 
 
 def _lerp_into(a: np.ndarray, b: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
