@@ -101,15 +101,29 @@ def _whole_image_bilinear_tf(src: np.ndarray, out_h: int, out_w: int) -> np.ndar
     return result
 
 
-@pytest.mark.parametrize(("in_h", "in_w"), [(540, 960), (480, 640), (1080, 1920), (64, 64)])
-def test_bilinear_tf_by_bands_is_bit_identical_to_the_whole_image(in_h: int, in_w: int) -> None:
+@pytest.mark.parametrize(
+    ("in_h", "in_w", "out_h"),
+    [
+        (540, 960, 300),
+        (480, 640, 300),
+        (1080, 1920, 300),
+        (64, 64, 300),
+        (200, 90, 1),
+        (200, 90, 63),
+        (200, 90, 65),
+        (200, 90, 129),
+    ],
+)
+def test_bilinear_tf_by_bands_is_bit_identical_to_the_whole_image(in_h: int, in_w: int, out_h: int) -> None:
+    # Output heights either side of the band boundaries (64 rows) as well as the model's 300.
     src = np.random.default_rng(3).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(resize_bilinear_tf(src, 300, 300), _whole_image_bilinear_tf(src, 300, 300))
+    np.testing.assert_array_equal(resize_bilinear_tf(src, out_h, 300), _whole_image_bilinear_tf(src, out_h, 300))
 
 
 def test_a_resize_holds_a_band_of_float_temporaries_not_whole_images() -> None:
     # Each thread's malloc arena keeps what it freed: whole-image temporaries (four float32 outputs and two
-    # row gathers, over 5x the output) cost about 12 MB of peak RSS at 2 clients (service/memory.py).
+    # row gathers, over 5x the output) cost 12 MB of peak RSS at 2 clients
+    # (200.2 against 188.2 MB, benchmarks/results/sweep-banded-resize-arenas.md).
     src = np.random.default_rng(4).integers(0, 256, (540, 960, 3), dtype=np.uint8)
     resize_bilinear_tf(src, 300, 300)  # the sampling plan is cached from here on
     tracemalloc.start()
