@@ -137,6 +137,28 @@ def interleaved(
     return done
 
 
+def save_rounds(
+    args: argparse.Namespace,
+    prog: str,
+    argv: list[str] | None,
+    rounds: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    to_markdown: Callable[[dict[str, Any]], list[str]],
+    **extra: Any,
+) -> None:
+    """Writes a harness's interleaved rounds and their summary, with what ran them, to --out/--name.{json,md}."""
+    variants: list[Variant] = args.variant
+    result = {
+        **provenance(command_line(prog, argv)),
+        "seconds": args.seconds,
+        **extra,
+        "variants": [v.label for v in variants],
+        "rounds": rounds,
+        "summary": summary,
+    }
+    save(args.out, args.name, result, to_markdown(result))
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -211,14 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return service_under_load(variant.env, images, args.seconds, work, tag, USERS, code)
 
     rounds = interleaved(variants, args.rounds, run)
-    result = {
-        **provenance(command_line("python -m benchmarks.ab", argv)),
-        "seconds": args.seconds,
-        "variants": [v.label for v in variants],
-        "rounds": rounds,
-        "summary": summarize(variants, rounds),
-    }
-    save(args.out, args.name, result, markdown(result))
+    save_rounds(args, "python -m benchmarks.ab", argv, rounds, summarize(variants, rounds), markdown)
     return 0
 
 

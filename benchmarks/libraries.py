@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import payloads, window
-from benchmarks.ab import USERS, Variant, add_run_options, check_seconds, interleaved
+from benchmarks.ab import USERS, Variant, add_run_options, check_seconds, interleaved, save_rounds
 from benchmarks.cpu import ROLES, role
-from benchmarks.report import command_line, provenance, save
 from benchmarks.run import service_system, under_load
 
 FREQUENCY_HZ = 999  # not 1000: sampling in step with the kernel's 1000 Hz timer would see the same instants
@@ -153,15 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         return under_load(system_on, images, args.seconds, work, tag, USERS, during=during)
 
     rounds = interleaved(variants, args.rounds, run)
-    result = {
-        **provenance(command_line("python -m benchmarks.libraries", argv)),
-        "seconds": args.seconds,
-        "frequency_hz": FREQUENCY_HZ,
-        "variants": [v.label for v in variants],
-        "rounds": rounds,
-        "summary": summarize(variants, rounds),
-    }
-    save(args.out, args.name, result, markdown(result))
+    summary = summarize(variants, rounds)
+    save_rounds(args, "python -m benchmarks.libraries", argv, rounds, summary, markdown, frequency_hz=FREQUENCY_HZ)
     return 0
 
 
