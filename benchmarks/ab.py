@@ -3,15 +3,16 @@
     python -m benchmarks.ab --variant "" --variant "WORKERS=4"             # 4 rounds, about 5 minutes
     python -m benchmarks.ab --variant "" --variant "DECODE_THREADS=1" --rounds 6 --name ab-decode-threads
     python -m benchmarks.ab --variant "@HEAD~1" --variant ""               # the last commit against its parent
+    python -m benchmarks.ab --variant "" --variant "@HEAD~1" --users 32    # the same, at another point of the curve
 
 Each variant is a space-separated list of environment settings for `python -m service` ("" = the defaults),
 optionally with one `@REV`: the service's code then comes from that git revision (`git archive REV service`),
 while the artifact, the load and the harness stay the working tree's, so a code change is measured alone.
 Every round runs each variant once, in an order that alternates from round to round (A B, B A, ...), so a
 machine that speeds up or slows down during the run favours neither. Each run: fresh server, uncounted
-warm-up, then 8 Locust users; throughput and CPU per answered request come from a steady-state window
-(benchmarks/window.py). The summary is the median over rounds of each variant's ratio to the first one,
-measured in the same round. Writes results/<name>.{json,md}.
+warm-up, then --users Locust users (8 by default); throughput and CPU per answered request come from a
+steady-state window (benchmarks/window.py). The summary is the median over rounds of each variant's ratio to
+the first one, measured in the same round. Writes results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from benchmarks.report import command_line, provenance, save
 from benchmarks.run import ROOT, service_under_load
 
 HERE = Path(__file__).resolve().parent
-USERS = 8
+USERS = 8  # where the curve bends on 2 cores: both cores busy, a short queue
 # Git refuses a repository owned by another user ("dubious ownership": a checkout mounted into a container, a CI
 # workspace). The only repository asked is the one this code runs from, which is trusted already.
 GIT = ("git", "-c", "safe.directory=*")
@@ -109,6 +110,7 @@ def add_run_options(parser: argparse.ArgumentParser, *, rounds: int, seconds: in
     add_variant_option(parser)
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--seconds", type=int, default=seconds, help="each run's Locust phase")
+    parser.add_argument("--users", type=int, default=USERS, help="Locust users (concurrent clients) in each run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=name)
 
@@ -198,9 +200,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
     first = result["summary"][0]["variant"]
     lines = [
         f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
-        f"available, Python {m['python']}. {len(result['rounds'])} rounds; each run: fresh server, {USERS} Locust "
-        f"users for {result['seconds']} s on the same cores, 48 distinct JPEGs; throughput and CPU from the "
-        "steady-state window counted by the service's /metrics.",
+        f"available, Python {m['python']}. {len(result['rounds'])} rounds; each run: fresh server, "
+        f"{result.get('users', USERS)} Locust users for {result['seconds']} s on the same cores, 48 distinct JPEGs; "
+        "throughput and CPU from the steady-state window counted by the service's /metrics.",
         "",
         f"| variant | answered/s (median) | throughput / {first} (median of rounds) | by round | p99/p50 | errors "
         "| CPU ms/request: inference | decode | event loop | other | load generator | total "
@@ -226,14 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(variants) < 2 or len({v.label for v in variants}) != len(variants):
         parser.error("give at least two different --variant")
     check_seconds(parser, args.seconds)
+    if args.users < 1:
+        parser.error("--users must be at least 1")
 
     images = payloads.image_bytes()
 
     def run(variant: Variant, code: Path, work: Path, tag: str) -> dict[str, Any]:
-        return service_under_load(variant.env, images, args.seconds, work, tag, USERS, code)
+        return service_under_load(variant.env, images, args.seconds, work, tag, args.users, code)
 
     rounds = interleaved(variants, args.rounds, run)
-    save_rounds(args, "python -m benchmarks.ab", argv, rounds, summarize(variants, rounds), markdown)
+    save_rounds(args, "python -m benchmarks.ab", argv, rounds, summarize(variants, rounds), markdown, users=args.users)
     return 0
 
 

@@ -6,7 +6,7 @@
 benchmarks.ab says how much CPU each thread role spends per answered request; when two versions differ there,
 this says in which library: onnxruntime itself, the C library (malloc), the kernel (page faults, futexes),
 Python, numpy, libjpeg. Each run: a fresh server per variant (settings and/or `@REV`, as in benchmarks.ab),
-warmed up, 8 Locust users; meanwhile `perf record -e cpu-clock` samples the server's threads at FREQUENCY_HZ
+warmed up, 8 Locust users (--users); meanwhile `perf record -e cpu-clock` samples the server's threads at FREQUENCY_HZ
 (a software clock: no hardware counters needed, so it works in a VM), and the answers the service counted over
 the same span turn samples into milliseconds per answered request. Needs `perf` (Debian's linux-perf) and
 kernel.perf_event_paranoid <= 2 (the default), enough to sample one's own processes. Writes
@@ -121,9 +121,10 @@ def markdown(result: dict[str, Any]) -> list[str]:
     groups = [name for _, name in GROUPS] + [OTHER]
     lines = [
         f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
-        f"available, Python {m['python']}. {len(result['rounds'])} rounds; each run: fresh server, {USERS} Locust "
-        f"users for {result['seconds']} s, 48 distinct JPEGs, `perf record -e cpu-clock -F {FREQUENCY_HZ}` on the "
-        "server over the middle of the phase. CPU ms per answered request (median of rounds), by thread and library.",
+        f"available, Python {m['python']}. {len(result['rounds'])} rounds; each run: fresh server, "
+        f"{result.get('users', USERS)} Locust users for {result['seconds']} s, 48 distinct JPEGs, "
+        f"`perf record -e cpu-clock -F {FREQUENCY_HZ}` on the server over the middle of the phase. CPU ms per "
+        "answered request (median of rounds), by thread and library.",
         "",
         f"| variant | thread | {' | '.join(groups)} | all |",
         "|---|---|" + "---|" * (len(groups) + 1),
@@ -149,11 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     def run(variant: Variant, code: Path, work: Path, tag: str) -> dict[str, Any]:
         system_on = partial(service_system, tag, variant.env, code)
         during = partial(profiled, seconds=args.seconds, out=work / f"{tag}.perf")
-        return under_load(system_on, images, args.seconds, work, tag, USERS, during=during)
+        return under_load(system_on, images, args.seconds, work, tag, args.users, during=during)
 
     rounds = interleaved(variants, args.rounds, run)
     summary = summarize(variants, rounds)
-    save_rounds(args, "python -m benchmarks.libraries", argv, rounds, summary, markdown, frequency_hz=FREQUENCY_HZ)
+    save_rounds(
+        args,
+        "python -m benchmarks.libraries",
+        argv,
+        rounds,
+        summary,
+        markdown,
+        frequency_hz=FREQUENCY_HZ,
+        users=args.users,
+    )
     return 0
 
 

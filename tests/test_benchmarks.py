@@ -153,8 +153,10 @@ def test_ab_reads_a_repository_that_git_calls_of_dubious_ownership(
 def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> None:
     variants = ("--variant", "", "--variant", "@HEAD WORKERS=1")
     data = _run_benchmark(
-        "ab", *variants, "--rounds", "1", "--seconds", "12", "--name", "ab", out=tmp_path, result="ab"
+        "ab", *variants, "--rounds", "1", "--seconds", "12", "--users", "3", "--name", "ab", out=tmp_path, result="ab"
     )
+    assert data["users"] == 3
+    assert all(run["users"] == 3 for run in data["rounds"][0]["runs"].values())
     defaults, other = data["summary"]
     head = subprocess.run([*GIT, "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert (defaults["variant"], other["variant"]) == ("defaults", f"@{head.stdout.strip()} WORKERS=1")
@@ -162,7 +164,7 @@ def test_ab_compares_service_configurations_and_revisions(tmp_path: Path) -> Non
     for summary in data["summary"]:
         assert summary["errors"] == 0 and summary["answered_per_s"] > 0, summary
         assert summary["cpu_ms_per_request"]["inference"] > summary["cpu_ms_per_request"]["decode"] > 0, summary
-    assert "WORKERS=1" in (tmp_path / "ab.md").read_text()
+    assert "WORKERS=1" in (tmp_path / "ab.md").read_text() and "3 Locust users" in (tmp_path / "ab.md").read_text()
 
 
 @pytest.mark.usefixtures("git_checkout")
