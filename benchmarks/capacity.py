@@ -129,17 +129,19 @@ def round_up_mib(mib: float, step: int = 64) -> int:
     return int(math.ceil(mib / step) * step)
 
 
-def replica_memory(peak_rss_mb: float, max_connections: int, max_upload_bytes: int, max_image_pixels: int) -> dict:
+def replica_memory(
+    peak_rss_mb: float, max_connections: int, max_upload_bytes: int, max_decode_bytes: int, decodes: int
+) -> dict:
     """Memory request (the measured peak + 25%) and limit (the worst case the settings allow), MiB."""
     peak_mib = peak_rss_mb * 1e6 / MIB  # the benchmarks report RSS in MB (10^6 bytes)
     bodies_mib = max_connections * max_upload_bytes / MIB
-    decoded_mib = max_image_pixels * 3 / MIB
+    decoding_mib = decodes * max_decode_bytes / MIB
     return {
         "peak_rss_mib": round(peak_mib, 1),
         "request_mib": round_up_mib(peak_mib * 1.25),
         "bodies_mib": round(bodies_mib, 1),
-        "decoded_image_mib": round(decoded_mib, 1),
-        "limit_mib": round_up_mib(peak_mib + bodies_mib + decoded_mib),
+        "decoding_mib": round(decoding_mib, 1),
+        "limit_mib": round_up_mib(peak_mib + bodies_mib + decoding_mib),
     }
 
 
@@ -192,9 +194,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"{p['replica_rps_at_saturation']} answers/s at saturation (the lower of latest.json and the saturation "
         f"median). Memory per replica: request {m['request_mib']} MiB (peak RSS at 4x overload, "
         f"{m['peak_rss_mib']} MiB, + 25%), limit {m['limit_mib']} MiB (that peak + "
-        f"{result['settings']['MAX_CONNECTIONS']} bodies of MAX_UPLOAD_BYTES, {m['bodies_mib']} MiB, + one decoded "
-        "MAX_IMAGE_PIXELS image, "
-        f"{m['decoded_image_mib']} MiB).",
+        f"{result['settings']['MAX_CONNECTIONS']} bodies of MAX_UPLOAD_BYTES, {m['bodies_mib']} MiB, + "
+        f"{result['settings']['decodes at once']} decodings of MAX_DECODE_BYTES at once, {m['decoding_mib']} MiB).",
         "",
         f"Latency model: M/M/{int(i['replica_cores']['value'])} queue per replica plus the measured p99 of one "
         f"decode + inference ({i['service_time_p99_ms']['value']} ms). Highest utilization within "
@@ -234,14 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     # The deployment's settings (deploy/k8s/deployment.yaml) and the service's defaults that bound memory.
     parser.add_argument("--max-connections", type=int, default=64)
     parser.add_argument("--max-upload-bytes", type=int, default=10 * MIB)
-    parser.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    parser.add_argument("--max-decode-bytes", type=int, default=64 * MIB)
+    # The decode thread (DECODE_THREADS, 1 on 2 cores) and a lone image, which its inference thread decodes.
+    parser.add_argument("--decodes", type=int, default=2, help="images decoded at once at most")
     args = parser.parse_args(argv)
     if args.rps <= 0 or args.p99_ms <= 0 or not 0 < args.max_utilization < 1:
         parser.error("--rps and --p99-ms must be positive, --max-utilization between 0 and 1")
     try:
         inputs = read_inputs(args.results)
         memory = replica_memory(
-            inputs["peak_rss_mb_overload"]["value"], args.max_connections, args.max_upload_bytes, args.max_image_pixels
+            inputs["peak_rss_mb_overload"]["value"],
+            args.max_connections,
+            args.max_upload_bytes,
+            args.max_decode_bytes,
+            args.decodes,
         )
         scales = [
             plan(inputs, args.rps * k, args.p99_ms, args.spare, args.max_utilization, memory, args.min_replicas)
@@ -256,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "MAX_CONNECTIONS": args.max_connections,
             "MAX_UPLOAD_BYTES": args.max_upload_bytes,
-            "MAX_IMAGE_PIXELS": args.max_image_pixels,
+            "MAX_DECODE_BYTES": args.max_decode_bytes,
+            "decodes at once": args.decodes,
         },
         "spare": args.spare,
         "memory_per_replica": memory,

@@ -35,6 +35,21 @@ _PIL_FILTERS = {
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
 
+# What decoding costs, per pixel of the decoded image (benchmarks/decode_cost.py measures it). Pillow keeps
+# bilevel, greyscale and palette images in a byte a pixel, 16-bit ones in two, everything else in four.
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# 16-bit and float greyscale are scaled as a whole in float32 (their peak value sets the scale): the float
+# copies, the uint8 grey and its RGB on top of the decoded image.
+_SCALED_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_SCALING_BYTES_PER_PIXEL = 14
+# Pillow's WebP decoder has libwebp decode into a buffer of its own, hands it to Python as bytes, then copies
+# that into the image: about four times the image at the peak (benchmarks/results/decode-cost-*.md).
+_DECODER_COPIES = {"WEBP": 4}
+# Above this many decoded pixels only the rows the resize reads are converted to RGB (resize_rows_bilinear_tf):
+# converting a whole large image took up to 4x its decoded size again (an RGBA PNG: RGBA, background, blend,
+# RGB, then numpy's copy). Below it, the whole image at once is faster and costs little.
+ROWS_ONLY_ABOVE_PIXELS = 2_000_000
+
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Identify the image from its header and refuse it if it is too large to decode."""
@@ -56,8 +71,49 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def decode_rgb(image: Image.Image, spec: Preprocessing) -> Image.Image:
-    """Decode, apply the EXIF orientation and flatten any Pillow mode to RGB."""
+def decode_cost(image: Image.Image, turned: bool, out_height: int) -> int:
+    """Bytes that decoding `image` at its current size (after any `draft`) and resizing it to `out_height` rows
+    take at the peak, from its header; `turned`: its EXIF orientation turns or flips it."""
+    width, height = image.size
+    cost = width * height * _BYTES_PER_PIXEL.get(image.mode, 4)
+    if image.mode in _SCALED_MODES:
+        cost += width * height * _SCALING_BYTES_PER_PIXEL  # converted to RGB whole: see _to_rgb
+    if turned:
+        cost *= 2  # exif_transpose makes a turned copy before it lets the original go
+    # Then the rows the resize reads, in RGB (two per output row at most): 13 MB for a 7300-pixel-wide image.
+    return cost * _DECODER_COPIES.get(image.format or "", 1) + min(height, 2 * out_height) * width * 3
+
+
+def _turned(image: Image.Image, loaded: bool) -> bool:
+    # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels: before the
+    # decoding, only a chunk ahead of them counts, and decode() looks again once the pixels are in.
+    if image.format == "PNG" and not loaded:
+        exif = image.info.get("exif")
+        if not isinstance(exif, bytes):
+            return False
+        found = Image.Exif()
+        found.load(exif)
+        return bool(found.get(_EXIF_ORIENTATION, 1) != 1)
+    return bool(image.getexif().get(_EXIF_ORIENTATION, 1) != 1)
+
+
+def _check_cost(image: Image.Image, max_decode_bytes: int, out_height: int, *, loaded: bool) -> None:
+    cost = decode_cost(image, _turned(image, loaded), out_height)
+    if cost > max_decode_bytes:
+        width, height = image.size
+        raise ImageTooLarge(
+            f"the {image.format} image would take {cost / 2**20:,.0f} MiB to decode ({width}x{height}, mode "
+            f"{image.mode}); the limit is {max_decode_bytes / 2**20:,.0f} MiB (MAX_DECODE_BYTES). Only a JPEG is "
+            "decoded reduced: send large photos as JPEG, or smaller"
+        )
+
+
+def decode(image: Image.Image, spec: Preprocessing, max_decode_bytes: int | None = None) -> Image.Image:
+    """Decode (a JPEG reduced, as the manifest allows) and apply the EXIF orientation; the mode stays the image's.
+
+    With `max_decode_bytes`, an image whose decoding would take more memory is refused before any pixel is
+    decoded: a flat 40 MP PNG, WebP or Group-4 TIFF is a few KiB on the wire and hundreds of MB decoded.
+    """
     try:
         if image.format in ("JPEG", "MPO") and spec.jpeg_draft:
             size = (spec.width, spec.height)
@@ -65,13 +121,22 @@ def decode_rgb(image: Image.Image, spec: Preprocessing) -> Image.Image:
                 size = (spec.height, spec.width)
             # Keeps both sides >= the requested size, so the resize below still downsamples.
             image.draft("RGB", size)
+        if max_decode_bytes is not None:
+            _check_cost(image, max_decode_bytes, spec.height, loaded=False)
         image.load()
+        if max_decode_bytes is not None and image.format == "PNG":
+            _check_cost(image, max_decode_bytes, spec.height, loaded=True)  # an orientation after the pixels
         ImageOps.exif_transpose(image, in_place=True)
-        return _to_rgb(image, spec.background)
+        return image
     except (ImageTooLarge, InvalidImage):
         raise
     except Exception as exc:  # truncated data, bad Huffman tables, broken EXIF...
         raise InvalidImage(f"the image could not be decoded: {exc}") from None
+
+
+def decode_rgb(image: Image.Image, spec: Preprocessing) -> Image.Image:
+    """Decode, apply the EXIF orientation and flatten any Pillow mode to RGB."""
+    return _to_rgb(decode(image, spec), spec.background)
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -148,6 +213,19 @@ def resize_bilinear_tf(pixels: np.ndarray, height: int, width: int) -> np.ndarra
     channels = pixels.shape[2]
     plan = _resize_plan(pixels.shape[0], pixels.shape[1], channels, height, width)
     rows = pixels.reshape(pixels.shape[0], -1)
+    return _resize_rows(rows, plan.rows_low, plan.rows_high, plan, height, width, channels)
+
+
+def _resize_rows(
+    rows: np.ndarray,
+    rows_low: np.ndarray,
+    rows_high: np.ndarray,
+    plan: _ResizePlan,
+    height: int,
+    width: int,
+    channels: int,
+) -> np.ndarray:
+    """The resize from source rows (each flattened as W*C) and, per output row, which two of them it blends."""
     resized = np.empty((height, width * channels), dtype=np.float32)
     # A band of output rows at a time, the same arithmetic element for element: the float temporaries are a
     # band's rather than the whole output's four times over, so each thread's malloc arena keeps less of them
@@ -155,7 +233,7 @@ def resize_bilinear_tf(pixels: np.ndarray, height: int, width: int) -> np.ndarra
     # sweep-banded-resize-arenas.md).
     for start in range(0, height, _BAND_ROWS):
         band = slice(start, start + _BAND_ROWS)
-        rows0, rows1 = rows[plan.rows_low[band]], rows[plan.rows_high[band]]
+        rows0, rows1 = rows[rows_low[band]], rows[rows_high[band]]
         # One np.take per corner along the flattened columns: 2.5x faster than 3-D fancy indexing (measured
         # 3.0 vs 7.5 ms for 960x540 -> 300x300), with identical results.
         top = np.take(rows0, plan.columns_left, axis=1).astype(np.float32)
@@ -174,6 +252,24 @@ def _lerp_into(a: np.ndarray, b: np.ndarray, weight: np.ndarray, out: np.ndarray
     np.subtract(b, a, out=b)
     np.multiply(b, weight, out=b)
     np.add(a, b, out=out)
+
+
+def resize_rows_bilinear_tf(
+    image: Image.Image, background: tuple[int, int, int], height: int, width: int
+) -> np.ndarray:
+    """`resize_bilinear_tf(np.asarray(_to_rgb(image, background)), height, width)`, value for value, converting
+    only the rows the resize reads: a few hundred rows of a large image instead of all of it, in RGB and again
+    as numpy's copy. Not for the modes scaled as a whole (_SCALED_MODES)."""
+    plan = _resize_plan(image.height, image.width, 3, height, width)
+    needed = np.union1d(plan.rows_low, plan.rows_high)
+    rows = np.empty((len(needed), image.width * 3), dtype=np.uint8)
+    for i, y in enumerate(needed.tolist()):
+        # Every conversion in _to_rgb is pixel by pixel (palette, alpha blend on a plain background, colour
+        # space), so a row converted alone has the values it has in the whole image converted.
+        row = _to_rgb(image.crop((0, y, image.width, y + 1)), background)
+        rows[i] = np.asarray(row, dtype=np.uint8).reshape(-1)
+    low, high = np.searchsorted(needed, plan.rows_low), np.searchsorted(needed, plan.rows_high)
+    return _resize_rows(rows, low, high, plan, height, width, 3)
 
 
 def resize(image: Image.Image, spec: Preprocessing) -> np.ndarray:
@@ -200,8 +296,12 @@ def warm_up() -> None:
     preprocess(sample.getvalue(), Preprocessing(height=32, width=32), max_pixels=64 * 48)
 
 
-def preprocess(data: bytes, spec: Preprocessing, max_pixels: int) -> np.ndarray:
+def preprocess(data: bytes, spec: Preprocessing, max_pixels: int, max_decode_bytes: int | None = None) -> np.ndarray:
     """Image bytes -> (height, width, 3) float32 model input (channels last; the model wrapper lays it out)."""
-    image = open_image(data, max_pixels)
-    rgb = decode_rgb(image, spec)
-    return scale_values(resize(rgb, spec), spec.value_range)
+    image = decode(open_image(data, max_pixels), spec, max_decode_bytes)
+    large = image.width * image.height > ROWS_ONLY_ABOVE_PIXELS
+    if large and spec.resize == "bilinear_tf" and image.mode not in _SCALED_MODES:
+        resized = resize_rows_bilinear_tf(image, spec.background, spec.height, spec.width)
+    else:
+        resized = resize(_to_rgb(image, spec.background), spec)
+    return scale_values(resized, spec.value_range)

@@ -147,7 +147,9 @@ class DataPlane:
         """Blocking: the scheduler calls it in a decode thread, or on an inference thread just before the run."""
         started = time.perf_counter()
         try:
-            pixels = preprocess(data, model.manifest.preprocessing, self.settings.max_image_pixels)
+            pixels = preprocess(
+                data, model.manifest.preprocessing, self.settings.max_image_pixels, self.settings.max_decode_bytes
+            )
         except ServiceError as exc:
             return exc
         self._metrics.decode.observe(time.perf_counter() - started)

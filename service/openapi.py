@@ -264,7 +264,9 @@ def _infer(settings: Settings) -> JSON:
             "The image may come as a multipart part, as base64 in JSON, or as the raw body. Its format is "
             "detected from the bytes (JPEG, PNG, WebP, GIF, BMP, TIFF), whatever the content type claims. "
             f"The upload is {limit}; each image at most {settings.max_image_pixels:,} pixels "
-            f"(MAX_IMAGE_PIXELS).\n\nSeveral images in one request (several `image` parts, or JSON "
+            f"(MAX_IMAGE_PIXELS), and at most {settings.max_decode_bytes:,} bytes to decode (MAX_DECODE_BYTES: "
+            "a JPEG is decoded reduced, other formats whole).\n\nSeveral images in one request (several `image` "
+            "parts, or JSON "
             f'`{{"images": [...]}}`, at most {most}: MAX_IMAGES_PER_REQUEST, 413 beyond it) answer '
             '`{"results": [...]}` in order, each a prediction or, for a bad image, its own `error` object.'
         ),

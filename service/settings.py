@@ -77,6 +77,7 @@ class Settings:
     threads: int = 1
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_decode_bytes: int = 64 * 1024 * 1024
     # Images in one request (several `image` parts, JSON `images`, an OIP tensor of N images): 413 beyond it.
     max_images_per_request: int = 16
     log_level: str = "info"
@@ -121,6 +122,7 @@ class Settings:
             threads=threads,
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000),
+            max_decode_bytes=_int(env, "MAX_DECODE_BYTES", 64 * 1024 * 1024),
             max_images_per_request=_int(env, "MAX_IMAGES_PER_REQUEST", 16),
             log_level=log_level,
             workers=_int(env, "WORKERS", threads),

@@ -19,6 +19,11 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
     # A small upload limit (and discard bound past it) keeps the 413 tests quick.
-    env = {"MAX_UPLOAD_BYTES": str(2 * 1024 * 1024), "MAX_IMAGE_PIXELS": "1000000", "MAX_DISCARD_BYTES": str(4 << 20)}
+    env = {
+        "MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
+        "MAX_IMAGE_PIXELS": "1000000",
+        "MAX_DISCARD_BYTES": str(4 << 20),
+        "MAX_DECODE_BYTES": str(2 << 20),
+    }
     with running_service(tiny_artifact, log, **env) as s:
         yield s

@@ -333,3 +333,15 @@ def test_startup_phases_are_timed(tmp_path: Path) -> None:
     assert len(steps) == 9 and all(0 < s["min"] <= s["median"] <= s["max"] for s in steps.values()), steps
     assert {"build the session", "warm-up run", "first decode of a JPEG"} <= set(steps)
     assert "build the session" in (tmp_path / "startup_phases.md").read_text()
+
+
+def test_decode_cost_decodes_each_format_in_a_process_of_its_own(tmp_path: Path) -> None:
+    # 17 MP: past the ~14 MP of colour the default MAX_DECODE_BYTES allows a PNG decoded whole (a WebP: ~4 MP).
+    data = _run_benchmark("decode_cost", "--megapixels", "17", out=tmp_path, result="decode-cost")
+    outcome = {(r["format"], r["mode"]): r["outcome"] for r in data["images"]}
+    assert outcome[("PNG", "RGBA")] == outcome[("WEBP", "RGB")] == "413 image_too_large", outcome
+    assert outcome[("JPEG", "RGB")] == outcome[("TIFF", "1")] == outcome[("PNG", "P")] == "decoded", outcome
+    for image in data["images"]:
+        # What is decoded takes about its own size (17 MB at a byte a pixel): whole, the palette PNG took 270 MB.
+        assert 0 <= image["peak_rss_growth_mb"] < 60, image
+    assert "| PNG | RGBA | 4761x3571 |" in (tmp_path / "decode-cost.md").read_text()

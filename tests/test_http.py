@@ -136,6 +136,18 @@ def test_decompression_bomb_is_refused_from_the_header(tiny_server: Server) -> N
     _error(httpx.post(f"{tiny_server.url}/infer", files={"image": bomb}), 413, "image_too_large")
 
 
+def test_an_image_too_costly_to_decode_is_refused_and_a_jpeg_of_its_size_is_not(tiny_server: Server) -> None:
+    # 800x800 = 0.64 MP, under the 1 MP limit, but 2.4 MiB decoded whole (a PNG) against the 2 MiB this server
+    # allows; a JPEG of the same size is decoded reduced for the tiny model's input and costs a few KiB.
+    png = image_bytes((10, 200, 30), size=(800, 800))
+    assert len(png) < 10_000
+    refused = httpx.post(f"{tiny_server.url}/infer", files={"image": png})
+    _error(refused, 413, "image_too_large")
+    assert "MAX_DECODE_BYTES" in refused.json()["error"]["message"]
+    jpeg = image_bytes((10, 200, 30), size=(800, 800), fmt="JPEG")
+    assert httpx.post(f"{tiny_server.url}/infer", files={"image": jpeg}).status_code == 200
+
+
 def test_upload_over_limit_is_413(tiny_server: Server) -> None:
     big = b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024)
     _error(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 from dataclasses import replace
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +13,15 @@ from PIL import Image, ImageOps
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
 from service.imaging import (
+    ROWS_ONLY_ABOVE_PIXELS,
     _resize_plan,
+    _to_rgb,
+    decode_cost,
     decode_rgb,
     open_image,
     preprocess,
     resize_bilinear_tf,
+    resize_rows_bilinear_tf,
     scale_values,
     warm_up,
 )
@@ -428,3 +433,140 @@ def test_an_mpo_file_is_drafted_like_a_jpeg() -> None:
     out = preprocess(data, spec, LIMIT)
     np.testing.assert_array_equal(out, _expected_with_draft(data, spec, (300, 300)))
     assert not np.array_equal(out, _expected_with_draft(data, spec, None))
+
+
+# Large images: only the rows the resize reads are converted, and what decoding costs is bounded up front.
+
+
+def _modes_of(rgba: Image.Image) -> dict[str, Image.Image]:
+    palette = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    keyed = palette.copy()
+    keyed.info["transparency"] = 3
+    return {
+        "RGB": rgba.convert("RGB"),
+        "RGBA": rgba,
+        "RGBa": rgba.convert("RGBa"),
+        "L": rgba.convert("L"),
+        "LA": rgba.convert("LA"),
+        "1": rgba.convert("1"),
+        "CMYK": rgba.convert("CMYK"),
+        "YCbCr": rgba.convert("RGB").convert("YCbCr"),
+        "P": palette,
+        "P with a transparent index": keyed,
+        "PA": rgba.convert("PA"),
+    }
+
+
+@pytest.mark.parametrize("out_size", [(30, 40), (1, 7), (166, 240), (400, 333)])
+def test_converting_only_the_rows_the_resize_reads_gives_the_same_values(out_size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(11)
+    rgba = Image.fromarray(rng.integers(0, 256, (167, 241, 4), dtype=np.uint8), "RGBA")
+    background = (0, 128, 255)
+    for mode, image in _modes_of(rgba).items():
+        whole = resize_bilinear_tf(np.asarray(_to_rgb(image, background), dtype=np.uint8), *out_size)
+        np.testing.assert_array_equal(resize_rows_bilinear_tf(image, background, *out_size), whole, err_msg=mode)
+
+
+def test_a_large_image_is_preprocessed_from_its_rows_with_the_same_values() -> None:
+    rng = np.random.default_rng(12)
+    side = int(ROWS_ONLY_ABOVE_PIXELS**0.5) + 20
+    rgba = Image.fromarray(rng.integers(0, 256, (side, side, 4), dtype=np.uint8), "RGBA")
+    spec = Preprocessing(height=300, width=300)
+    data = _save(rgba, "PNG")
+    expected = resize_bilinear_tf(np.asarray(_to_rgb(rgba, spec.background), dtype=np.uint8), 300, 300)
+    np.testing.assert_array_equal(preprocess(data, spec, LIMIT, max_decode_bytes=64 << 20), expected)
+
+
+def _truncated(data: bytes) -> bytes:
+    """The header and a first slice of the pixels: decoding it fails, reading its header does not."""
+    return data[: len(data) // 3]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "TIFF", "BMP"])  # WebP cannot even be opened truncated: below
+def test_an_image_too_costly_to_decode_is_refused_before_a_pixel_is_decoded(fmt: str) -> None:
+    rng = np.random.default_rng(13)
+    noise = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    image = noise.convert("P") if fmt == "GIF" else noise
+    data = _truncated(_save(image, fmt))
+    spec = Preprocessing(height=30, width=40)
+    # The limit is read from the header: a truncated file is refused as too costly, not found broken.
+    with pytest.raises(ImageTooLarge, match=r"\(MAX_DECODE_BYTES\)"):
+        preprocess(data, spec, LIMIT, max_decode_bytes=100_000)
+    with pytest.raises(InvalidImage):
+        preprocess(data, spec, LIMIT, max_decode_bytes=64 << 20)
+
+
+def test_a_webp_costs_four_times_its_decoded_size() -> None:
+    # libwebp's buffer, the bytes Python gets, and the image (decode-cost-after.md: 63.7 MB for 4 MP of RGB).
+    data = _save(Image.new("RGB", (400, 300), (10, 20, 30)), "WEBP", lossless=True)
+    spec = Preprocessing(height=30, width=40)
+    cost = 4 * 400 * 300 * 4 + 2 * 30 * 400 * 3  # and the 60 rows the resize reads, in RGB
+    assert decode_cost(Image.open(BytesIO(data)), turned=False, out_height=30) == cost
+    with pytest.raises(ImageTooLarge, match=r"\(MAX_DECODE_BYTES\)"):
+        preprocess(data, spec, LIMIT, max_decode_bytes=cost - 1)
+    assert preprocess(data, spec, LIMIT, max_decode_bytes=cost).shape == (30, 40, 3)
+
+
+def test_a_jpeg_costs_what_it_is_decoded_at_not_its_full_size() -> None:
+    rng = np.random.default_rng(14)
+    photo = Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8))
+    spec = Preprocessing(height=300, width=300)
+    # 12 MP is 48 MB decoded whole; drafted to 500x375 (1/8), with the rows the resize reads, a JPEG takes 1.3 MB.
+    jpeg = preprocess(_save(photo, "JPEG", quality=80), spec, 40_000_000, max_decode_bytes=2 << 20)
+    assert jpeg.shape == (300, 300, 3)
+    with pytest.raises(ImageTooLarge, match="Only a JPEG is decoded reduced"):
+        preprocess(_save(photo, "PNG", compress_level=1), spec, 40_000_000, max_decode_bytes=2 << 20)
+
+
+def _png_chunks(data: bytes) -> list[bytes]:
+    chunks, at = [], 8
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        chunks.append(data[at : at + 12 + length])
+        at += 12 + length
+    return chunks
+
+
+def test_a_png_turned_by_an_orientation_after_its_pixels_counts_the_turned_copy() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: exif_transpose makes a turned copy of the decoded image
+    noise = np.random.default_rng(15).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    data = _save(Image.fromarray(noise), "PNG", exif=exif)
+    chunks = _png_chunks(data)
+    assert [c[4:8] for c in chunks].index(b"eXIf") < [c[4:8] for c in chunks].index(b"IDAT")
+    exif_chunk = next(c for c in chunks if c[4:8] == b"eXIf")
+    rest = [c for c in chunks if c is not exif_chunk]
+    after = data[:8] + b"".join([*rest[:-1], exif_chunk, rest[-1]])  # just before IEND
+    spec = Preprocessing(height=30, width=40)
+    rows = 2 * 30 * 400 * 3
+    upright, turned = 400 * 300 * 4 + rows, 2 * 400 * 300 * 4 + rows
+    for png in (data, after):  # the chunk ahead of the pixels is read before decoding, the one after them once decoded
+        with pytest.raises(ImageTooLarge, match=r"\(MAX_DECODE_BYTES\)"):
+            preprocess(png, spec, LIMIT, max_decode_bytes=upright)
+        assert preprocess(png, spec, LIMIT, max_decode_bytes=turned).shape == (30, 40, 3)
+    with pytest.raises(ImageTooLarge):  # ahead of the pixels: refused before them, so a truncated file too
+        preprocess(_truncated(data), spec, LIMIT, max_decode_bytes=upright)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "options", "megapixels"),
+    [
+        ("PNG", "RGBA", {"optimize": True}, 8.0),
+        ("PNG", "P", {"transparency": 0}, 8.0),
+        ("WEBP", "RGB", {"lossless": True}, 3.0),
+        ("TIFF", "1", {"compression": "group4"}, 8.0),
+    ],
+)
+def test_decoding_takes_no_more_memory_than_its_cost_says(
+    fmt: str, mode: str, options: dict[str, object], megapixels: float, tmp_path: Path
+) -> None:
+    # Each image in a fresh process (benchmarks/decode_cost.py): how much its peak RSS grew decoding it. Whole,
+    # an 8 MP RGBA PNG took 150 MB (RGBA, background, blend, RGB and numpy's copy) and a palette one 130 MB.
+    from benchmarks.decode_cost import flat_image, measure
+
+    measured = measure(fmt, mode, options, megapixels, tmp_path)
+    assert measured["outcome"] == "decoded", measured
+    image = Image.open(BytesIO(_save(flat_image(mode, megapixels), fmt, **options)))
+    cost_mb = decode_cost(image, turned=False, out_height=300) / 1e6
+    # Beyond what the cost counts: libpng's and libtiff's buffers, and Python's own.
+    assert measured["peak_rss_growth_mb"] <= cost_mb * 1.1 + 12, (measured, cost_mb)

@@ -15,6 +15,8 @@ def test_defaults() -> None:
     assert s.threads == available_cpus() >= 1
     assert s.max_upload_bytes == 10 * 1024 * 1024
     assert s.max_image_pixels == 40_000_000
+    # About 14 MP of colour decoded whole (a PNG): benchmarks/results/decode-cost-after.md.
+    assert s.max_decode_bytes == 64 * 1024 * 1024
     assert s.log_level == "info"
     # One single-threaded engine worker per core, and no batching, unless configured.
     assert s.workers == s.threads and s.intra_op_threads == 1
@@ -32,6 +34,7 @@ def test_reads_every_variable() -> None:
         "THREADS": "3",
         "MAX_UPLOAD_BYTES": "1000",
         "MAX_IMAGE_PIXELS": "2000",
+        "MAX_DECODE_BYTES": "3000",
         "LOG_LEVEL": "WARNING",
         "WORKERS": "1",
         "MAX_BATCH": "8",
@@ -48,6 +51,7 @@ def test_reads_every_variable() -> None:
         "threads": 3,
         "max_upload_bytes": 1000,
         "max_image_pixels": 2000,
+        "max_decode_bytes": 3000,
         "log_level": "warning",
         "workers": 1,
         "max_batch": 8,
@@ -67,6 +71,7 @@ def test_reads_every_variable() -> None:
         ("PORT", "x"),
         ("THREADS", "0"),
         ("MAX_UPLOAD_BYTES", "-5"),
+        ("MAX_DECODE_BYTES", "0"),
         ("LOG_LEVEL", "loud"),
         ("WORKERS", "0"),
         ("BATCH_WAIT_MS", "soon"),
