@@ -77,22 +77,28 @@ def flat_image(mode: str, megapixels: float) -> Image.Image:
     return Image.new(mode, (width, height), colour)
 
 
+def decode_in_a_fresh_process(path: Path) -> dict[str, Any]:
+    """The outcome of preprocessing the file at `path` with the default limits, its time, its peak RSS growth."""
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
+
+
 def measure(fmt: str, mode: str, options: dict[str, Any], megapixels: float, work: Path) -> dict[str, Any]:
     buffer = io.BytesIO()
     image = flat_image(mode, megapixels)
     image.save(buffer, format=fmt, **options)
     path = work / f"{fmt}-{mode}-{megapixels}.img"
     path.write_bytes(buffer.getvalue())
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path)], cwd=ROOT, capture_output=True, text=True, check=True
-    )
     return {
         "format": fmt,
         "mode": mode,
         "size": f"{image.width}x{image.height}",
         "megapixels": megapixels,
         "upload_kib": round(len(buffer.getvalue()) / 1024, 1),
-        **json.loads(child.stdout.strip().splitlines()[-1]),
+        **decode_in_a_fresh_process(path),
     }
 
 

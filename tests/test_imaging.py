@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import zlib
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
@@ -501,7 +502,7 @@ def test_a_webp_costs_four_times_its_decoded_size() -> None:
     data = _save(Image.new("RGB", (400, 300), (10, 20, 30)), "WEBP", lossless=True)
     spec = Preprocessing(height=30, width=40)
     cost = 4 * 400 * 300 * 4 + 2 * 30 * 400 * 3  # and the 60 rows the resize reads, in RGB
-    assert decode_cost(Image.open(BytesIO(data)), turned=False, out_height=30) == cost
+    assert decode_cost(Image.open(BytesIO(data)), turn=None, out_height=30) == cost
     with pytest.raises(ImageTooLarge, match=r"\(MAX_DECODE_BYTES\)"):
         preprocess(data, spec, LIMIT, max_decode_bytes=cost - 1)
     assert preprocess(data, spec, LIMIT, max_decode_bytes=cost).shape == (30, 40, 3)
@@ -567,6 +568,80 @@ def test_decoding_takes_no_more_memory_than_its_cost_says(
     measured = measure(fmt, mode, options, megapixels, tmp_path)
     assert measured["outcome"] == "decoded", measured
     image = Image.open(BytesIO(_save(flat_image(mode, megapixels), fmt, **options)))
-    cost_mb = decode_cost(image, turned=False, out_height=300) / 1e6
+    cost_mb = decode_cost(image, turn=None, out_height=300) / 1e6
     # Beyond what the cost counts: libpng's and libtiff's buffers, and Python's own.
     assert measured["peak_rss_growth_mb"] <= cost_mb * 1.1 + 12, (measured, cost_mb)
+
+
+def test_a_very_wide_image_is_resized_without_a_copy_of_its_row_per_output_row() -> None:
+    # 2 million pixels in one row: every output row reads that row. Gathered per output row it was copied 64
+    # times a band (1.5 GB for a 2.1 KiB PNG); read once, the resize holds about its output.
+    src = np.full((1, 2_000_000, 3), 7, dtype=np.uint8)
+    resize_bilinear_tf(src, 300, 300)  # the sampling plan is cached from here on
+    tracemalloc.start()
+    try:
+        out = resize_bilinear_tf(src, 300, 300)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * out.nbytes, f"peak {peak / out.nbytes:.2f}x the output"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _tiff_exif(orientation: int, padding_shorts: int = 0) -> bytes:
+    """A big-endian EXIF block: the orientation, and optionally one private tag of that many SHORT values."""
+    entries = [(0x0112, 3, 1, orientation << 16)]
+    if padding_shorts:
+        entries.append((0xC000, 3, padding_shorts, 8 + 2 + 12 * 2 + 4))
+    ifd = len(entries).to_bytes(2, "big") + b"".join(
+        tag.to_bytes(2, "big") + kind.to_bytes(2, "big") + count.to_bytes(4, "big") + value.to_bytes(4, "big")
+        for tag, kind, count, value in entries
+    )
+    return b"MM\x00\x2a\x00\x00\x00\x08" + ifd + b"\x00" * 4 + b"\x01\x2c" * padding_shorts
+
+
+def _png_with_exif(image: Image.Image, exif: bytes) -> bytes:
+    """`image` as a PNG whose eXIf chunk comes right after IHDR."""
+    data = _save(image, "PNG")
+    chunks = _png_chunks(data)
+    return data[:8] + chunks[0] + _png_chunk(b"eXIf", exif) + b"".join(chunks[1:])
+
+
+@pytest.mark.parametrize("orientation", [0, 9])
+def test_an_orientation_that_turns_nothing_costs_nothing_more(orientation: int) -> None:
+    # exif_transpose leaves an image with orientation 0 or 9 as it is: no turned copy to count.
+    image = Image.new("RGB", (400, 300), (10, 20, 30))
+    spec = Preprocessing(height=30, width=40)
+    cost = decode_cost(Image.open(BytesIO(_png_with_exif(image, _tiff_exif(1)))), None, 30)
+    odd = _png_with_exif(image, _tiff_exif(orientation))
+    assert preprocess(odd, spec, LIMIT, max_decode_bytes=cost).shape == (30, 40, 3)
+    with pytest.raises(ImageTooLarge):
+        preprocess(_png_with_exif(image, _tiff_exif(6)), spec, LIMIT, max_decode_bytes=cost)
+
+
+def test_a_tall_image_turned_on_its_side_counts_the_rows_it_is_read_by_once_turned(tmp_path: Path) -> None:
+    # 300x20000, orientation 6: once turned the resize reads up to 300 rows 20000 pixels wide (18 MB of RGB),
+    # not 600 rows 300 wide as the header's own width would say.
+    from benchmarks.decode_cost import decode_in_a_fresh_process
+
+    path = tmp_path / "tall.png"
+    path.write_bytes(_png_with_exif(Image.new("L", (300, 20000), 90), _tiff_exif(6)))
+    measured = decode_in_a_fresh_process(path)
+    assert measured["outcome"] == "decoded", measured
+    with Image.open(path) as image:
+        cost_mb = decode_cost(image, Image.Transpose.ROTATE_270, 300) / 1e6
+    assert cost_mb > 18 and measured["peak_rss_growth_mb"] <= cost_mb * 1.1 + 12, (measured, cost_mb)
+
+
+def test_a_large_exif_block_is_not_turned_into_python_objects(tmp_path: Path) -> None:
+    # 1.5 million SHORT values beside orientation 6 in a 1x1 PNG (3 MB): ImageOps.exif_transpose wrote the
+    # block anew, every value a Python int first (964 MB for 4.9 million); only the pixels are turned now.
+    from benchmarks.decode_cost import decode_in_a_fresh_process
+
+    path = tmp_path / "exif.png"
+    path.write_bytes(_png_with_exif(Image.new("RGB", (1, 1), (1, 2, 3)), _tiff_exif(6, padding_shorts=1_500_000)))
+    measured = decode_in_a_fresh_process(path)
+    assert measured["outcome"] == "decoded" and measured["peak_rss_growth_mb"] < 40, measured
