@@ -1,7 +1,7 @@
 """What one uploaded image can cost to decode: bytes sent against CPU time and peak memory, format by format.
 
     python -m benchmarks.decode_cost                      # 39.9 MP images that compress to almost nothing
-    python -m benchmarks.decode_cost --megapixels 39.9 12 --name decode-cost
+    python -m benchmarks.decode_cost --megapixels 39.9 12 4 --crafted --name decode-cost-after
 
 A JPEG is decoded reduced (its DCT scaling, the manifest's `jpeg_draft`), so even a 40 MP photo is cheap; every
 other format is decoded whole, and a flat 40 MP PNG or Group-4 TIFF is a few KiB on the wire. Each image is
@@ -16,9 +16,12 @@ import argparse
 import io
 import json
 import math
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,94 @@ print(json.dumps({"outcome": outcome, "ms": round(seconds * 1000, 1), "peak_rss_
 """
 
 
+def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunks(data: bytes) -> list[bytes]:
+    """A PNG's chunks after its signature, each whole (length, type, data, CRC)."""
+    chunks, at = [], 8
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        chunks.append(data[at : at + 12 + length])
+        at += 12 + length
+    return chunks
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def png_with(image: Image.Image, *chunks: bytes) -> bytes:
+    """`image` as a PNG with `chunks` right after IHDR."""
+    data = encoded(image, "PNG")
+    parts = png_chunks(data)
+    return data[:8] + parts[0] + b"".join(chunks) + b"".join(parts[1:])
+
+
+def exif_block(orientation: int, padding_shorts: int = 0) -> bytes:
+    """A big-endian EXIF block: the orientation, and optionally one private tag of that many SHORT values."""
+    entries = [(0x0112, 3, 1, orientation << 16)]
+    if padding_shorts:
+        entries.append((0xC000, 3, padding_shorts, 8 + 2 + 12 * 2 + 4))
+    ifd = len(entries).to_bytes(2, "big") + b"".join(
+        tag.to_bytes(2, "big") + kind.to_bytes(2, "big") + count.to_bytes(4, "big") + value.to_bytes(4, "big")
+        for tag, kind, count, value in entries
+    )
+    return b"MM\x00\x2a\x00\x00\x00\x08" + ifd + b"\x00" * 4 + b"\x01\x2c" * padding_shorts
+
+
+def png_text(chunks: int, characters: int, character: str = "a") -> bytes:
+    """A 1x1 PNG with `chunks` compressed iTXt chunks of `characters` characters each."""
+    text = zlib.compress((character * characters).encode(), 9)
+    return png_with(
+        Image.new("RGB", (1, 1)),
+        *(png_chunk(b"iTXt", f"k{i}".encode() + b"\x00\x01\x00\x00\x00" + text) for i in range(chunks)),
+    )
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """An 8-bit RLE BMP of zeros: delta escapes of 255 rows each, then the end of the bitmap."""
+    rows, data = height, b""
+    while rows > 0:
+        data += b"\x00\x02\x00" + bytes([min(rows, 255)])
+        rows -= 255
+    data += b"\x00\x01"
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data
+
+
+def gif_with_a_large_frame(side: int) -> bytes:
+    """A 1x1 GIF screen whose first frame is side x side, to be disposed of to the background."""
+    control = b"\x21\xf9\x04\x08\x00\x00\x00\x00"  # disposal 2: restore to the background
+    frame = b"\x2c" + struct.pack("<HHHH", 0, 0, side, side) + b"\x00"
+    screen = struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + b"\x00" * 6
+    return b"GIF89a" + screen + control + frame + b"\x02\x02\x4c\x01\x00\x3b"
+
+
+_ONE_LZW_STRIP: dict[str, Any] = {"compression": "tiff_lzw", "strip_size": 1 << 40}
+
+
+def _big_exif_png() -> bytes:
+    return png_with(Image.new("RGB", (1, 1)), png_chunk(b"eXIf", exif_block(6, 4_800_000)))
+
+
+# Files made to cost the most for their size (a review of this module's decoding found each).
+CRAFTED: list[tuple[str, Callable[[], bytes]]] = [
+    ("PNG L 2100000x1", lambda: encoded(Image.new("L", (2_100_000, 1), 7), "PNG")),
+    ("JPEG progressive 7294x5470", lambda: encoded(flat_image("RGB", 39.9), "JPEG", progressive=True, quality=90)),
+    ("BMP RLE8 7294x5470 of deltas", lambda: rle8_bmp(7294, 5470)),
+    ("GIF 1x1 screen, 16000x16000 first frame", lambda: gif_with_a_large_frame(16000)),
+    ("PNG 1x1, 9.6 MB EXIF, orientation 6", lambda: _big_exif_png()),
+    ("PNG 1x1, 250 iTXt of 1 MB of 4-byte characters", lambda: png_text(250, 262_144, "\U0001f600")),
+    ("TIFF RGB 3651x2739 LZW, one strip", lambda: encoded(flat_image("RGB", 10.0), "TIFF", **_ONE_LZW_STRIP)),
+]
+
+
 def flat_image(mode: str, megapixels: float) -> Image.Image:
     """One colour over the whole frame (4:3): compresses to almost nothing, decodes to its full size."""
     width = round(math.sqrt(megapixels * 1e6 * 4 / 3))
@@ -79,9 +170,9 @@ def flat_image(mode: str, megapixels: float) -> Image.Image:
 
 def decode_in_a_fresh_process(path: Path) -> dict[str, Any]:
     """The outcome of preprocessing the file at `path` with the default limits, its time, its peak RSS growth."""
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path)], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+    child = subprocess.run([sys.executable, "-c", CHILD, str(path)], cwd=ROOT, capture_output=True, text=True)
+    if child.returncode != 0:  # killed for its memory, or an error the service would have answered 500
+        return {"outcome": f"process failed ({child.returncode}): {child.stderr.strip()[-200:]}", "ms": None}
     result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
     return result
 
@@ -102,6 +193,21 @@ def measure(fmt: str, mode: str, options: dict[str, Any], megapixels: float, wor
     }
 
 
+def measure_crafted(name: str, make: Callable[[], bytes], work: Path) -> dict[str, Any]:
+    data = make()
+    path = work / f"crafted-{len(data)}.img"
+    path.write_bytes(data)
+    fmt, _, rest = name.partition(" ")
+    return {
+        "format": fmt,
+        "mode": "",
+        "size": rest,
+        "megapixels": None,
+        "upload_kib": round(len(data) / 1024, 1),
+        **decode_in_a_fresh_process(path),
+    }
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     lines = [
@@ -114,7 +220,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     for r in result["images"]:
         lines.append(
             f"| {r['format']} | {r['mode']} | {r['size']} | {r['upload_kib']} | {r['outcome']} | {r['ms']} | "
-            f"{r['peak_rss_growth_mb']} |"
+            f"{r.get('peak_rss_growth_mb')} |"
         )
     return lines
 
@@ -122,6 +228,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--megapixels", type=float, nargs="+", default=[39.9])
+    parser.add_argument("--crafted", action="store_true", help="also the files in CRAFTED")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="decode-cost")
     args = parser.parse_args(argv)
@@ -131,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             for megapixels in args.megapixels
             for fmt, mode, options in CASES
         ]
+        if args.crafted:
+            images += [measure_crafted(name, make, Path(tmp)) for name, make in CRAFTED]
     result = {**provenance(command_line("python -m benchmarks.decode_cost", argv)), "images": images}
     save(args.out, args.name, result, markdown(result))
     return 0

@@ -6,12 +6,13 @@ images go through the very code that serves.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
 from service.manifest import Preprocessing
@@ -20,9 +21,14 @@ from service.manifest import Preprocessing
 # people upload photos in. The format is detected from the bytes; the client's content type is not trusted.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (multi-picture) files
 
-# We enforce our own pixel limit from the header, before any decoding (`check_size`); Pillow's global
-# check would warn or raise with its own threshold in the middle of that.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own pixel check runs at the limit (open_image sets it): it warns from half of it, which says nothing
+# here, and raises past it, also for what Pillow allocates while it opens a file.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# A PNG's text chunks are read whole when it is opened, before any check: Pillow allows 64 MiB of characters
+# (a 260 KiB file of compressed 4-byte characters took 253 MB as Python strings). Metadata needs far less.
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
+_TEXT_TOO_LARGE = ("MAX_TEXT_CHUNK", "MAX_TEXT_MEMORY")
 
 _PIL_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -66,10 +72,24 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Identify the image from its header and refuse it if it is too large to decode."""
     if not data:
         raise EmptyImage("the image is empty (0 bytes)")
+    # Half, because Pillow raises past twice its setting. It guards what Pillow allocates while opening: a GIF's
+    # first frame larger than its screen had its disposal buffer filled (246 MB for a 43-byte file) before the
+    # check below. Every call in a process passes the same limit.
+    Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
     try:
         image = Image.open(BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise InvalidImage(f"the data is not an image in a supported format ({', '.join(FORMATS)})") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(
+            f"the image has a frame of more than {max_pixels:,} pixels (MAX_IMAGE_PIXELS); nothing was decoded"
+        ) from None
+    except ValueError as exc:
+        if any(name in str(exc) for name in _TEXT_TOO_LARGE):
+            raise InvalidImage(
+                "the PNG's text chunks (its metadata) are larger than the service reads: 256 KiB each, 1 MiB in all"
+            ) from None
+        raise InvalidImage(f"the image header is corrupt: {exc}") from None
     except Exception as exc:  # Pillow raises many types for corrupt headers
         raise InvalidImage(f"the image header is corrupt: {exc}") from None
     width, height = image.size
@@ -82,9 +102,30 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def decode_cost(image: Image.Image, turn: Image.Transpose | None, out_height: int) -> int:
+def decoder_buffers(image: Image.Image) -> int:
+    """Bytes a decoder holds beside the image it decodes into, from the header, before any `draft`."""
+    width, height = image.size
+    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        # libjpeg keeps every DCT coefficient of a progressive JPEG at full size, whatever the scale it decodes
+        # at: two bytes each, 64 per 8x8 block of each component at its sampling (117 MB for 40 MP in 4:2:0).
+        layers: list[tuple[int, int, int, int]] = getattr(image, "layer", [])
+        most = max((h * v for _, h, v, _ in layers), default=1)
+        share = sum(h * v for _, h, v, _ in layers) / most if layers else 4
+        return int(2 * width * height * share)
+    if image.format == "BMP" and image.info.get("compression") in (1, 2):
+        return 2 * width * height  # Pillow's RLE decoder: a bytearray of the pixels, then a bytes copy of it
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None and 322 not in tags and tags.get(259, 1) != 1:
+        # libtiff decodes a compressed strip whole into a buffer of its own: a second image for a single strip.
+        rows = min(int(tags.get(278, height)), height)
+        return rows * width * _BYTES_PER_PIXEL.get(image.mode, 4)
+    return 0
+
+
+def decode_cost(image: Image.Image, turn: Image.Transpose | None, out_height: int, buffers: int = 0) -> int:
     """Bytes that decoding `image` at its current size (after any `draft`), turning it as its EXIF orientation
-    says (`turn`) and resizing it to `out_height` rows take at the peak, from its header."""
+    says (`turn`) and resizing it to `out_height` rows take at the peak, from its header; `buffers`: what the
+    decoder holds besides (decoder_buffers, read before the draft)."""
     width, height = image.size
     cost = width * height * _BYTES_PER_PIXEL.get(image.mode, 4)
     if image.mode in _SCALED_MODES:
@@ -94,7 +135,7 @@ def decode_cost(image: Image.Image, turn: Image.Transpose | None, out_height: in
     if turn in _SWAPS:
         width, height = height, width
     # Then the rows the resize reads, in RGB (two per output row at most): 13 MB for a 7300-pixel-wide image.
-    return cost * _DECODER_COPIES.get(image.format or "", 1) + min(height, 2 * out_height) * width * 3
+    return cost * _DECODER_COPIES.get(image.format or "", 1) + min(height, 2 * out_height) * width * 3 + buffers
 
 
 def _turn(image: Image.Image, loaded: bool) -> Image.Transpose | None:
@@ -113,8 +154,8 @@ def _turn(image: Image.Image, loaded: bool) -> Image.Transpose | None:
         return None
 
 
-def _check_cost(image: Image.Image, max_decode_bytes: int, out_height: int, *, loaded: bool) -> None:
-    cost = decode_cost(image, _turn(image, loaded), out_height)
+def _check_cost(image: Image.Image, max_decode_bytes: int, out_height: int, buffers: int, *, loaded: bool) -> None:
+    cost = decode_cost(image, _turn(image, loaded), out_height, buffers)
     if cost > max_decode_bytes:
         width, height = image.size
         raise ImageTooLarge(
@@ -131,6 +172,7 @@ def decode(image: Image.Image, spec: Preprocessing, max_decode_bytes: int | None
     decoded: a flat 40 MP PNG, WebP or Group-4 TIFF is a few KiB on the wire and hundreds of MB decoded.
     """
     try:
+        buffers = decoder_buffers(image) if max_decode_bytes is not None else 0
         if image.format in ("JPEG", "MPO") and spec.jpeg_draft:
             size = (spec.width, spec.height)
             if image.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
@@ -138,10 +180,10 @@ def decode(image: Image.Image, spec: Preprocessing, max_decode_bytes: int | None
             # Keeps both sides >= the requested size, so the resize below still downsamples.
             image.draft("RGB", size)
         if max_decode_bytes is not None:
-            _check_cost(image, max_decode_bytes, spec.height, loaded=False)
+            _check_cost(image, max_decode_bytes, spec.height, buffers, loaded=False)
         image.load()
         if max_decode_bytes is not None and image.format == "PNG":
-            _check_cost(image, max_decode_bytes, spec.height, loaded=True)  # an orientation after the pixels
+            _check_cost(image, max_decode_bytes, spec.height, buffers, loaded=True)  # an orientation after the pixels
         # Not ImageOps.exif_transpose: it writes the EXIF block anew without the orientation, turning every
         # tag into Python objects first (a 9.6 MB block took 964 MB); only the pixels are wanted here.
         turn = _turn(image, loaded=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tracemalloc
-import zlib
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
@@ -12,6 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from benchmarks.decode_cost import (
+    decode_in_a_fresh_process,
+    exif_block,
+    flat_image,
+    gif_with_a_large_frame,
+    measure,
+    png_chunk,
+    png_chunks,
+    png_text,
+    png_with,
+    rle8_bmp,
+)
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
 from service.imaging import (
     ROWS_ONLY_ABOVE_PIXELS,
@@ -19,6 +30,7 @@ from service.imaging import (
     _to_rgb,
     decode_cost,
     decode_rgb,
+    decoder_buffers,
     open_image,
     preprocess,
     resize_bilinear_tf,
@@ -519,21 +531,12 @@ def test_a_jpeg_costs_what_it_is_decoded_at_not_its_full_size() -> None:
         preprocess(_save(photo, "PNG", compress_level=1), spec, 40_000_000, max_decode_bytes=2 << 20)
 
 
-def _png_chunks(data: bytes) -> list[bytes]:
-    chunks, at = [], 8
-    while at < len(data):
-        length = int.from_bytes(data[at : at + 4], "big")
-        chunks.append(data[at : at + 12 + length])
-        at += 12 + length
-    return chunks
-
-
 def test_a_png_turned_by_an_orientation_after_its_pixels_counts_the_turned_copy() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # turned a quarter: exif_transpose makes a turned copy of the decoded image
     noise = np.random.default_rng(15).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     data = _save(Image.fromarray(noise), "PNG", exif=exif)
-    chunks = _png_chunks(data)
+    chunks = png_chunks(data)
     assert [c[4:8] for c in chunks].index(b"eXIf") < [c[4:8] for c in chunks].index(b"IDAT")
     exif_chunk = next(c for c in chunks if c[4:8] == b"eXIf")
     rest = [c for c in chunks if c is not exif_chunk]
@@ -556,6 +559,10 @@ def test_a_png_turned_by_an_orientation_after_its_pixels_counts_the_turned_copy(
         ("PNG", "P", {"transparency": 0}, 8.0),
         ("WEBP", "RGB", {"lossless": True}, 3.0),
         ("TIFF", "1", {"compression": "group4"}, 8.0),
+        # libjpeg holds a progressive JPEG's coefficients at full size (36 MB here), whatever it decodes at.
+        ("JPEG", "RGB", {"progressive": True, "quality": 90}, 12.0),
+        # libtiff decodes a compressed single strip into a second whole image.
+        ("TIFF", "RGB", {"compression": "tiff_lzw", "strip_size": 1 << 40}, 7.0),
     ],
 )
 def test_decoding_takes_no_more_memory_than_its_cost_says(
@@ -563,12 +570,13 @@ def test_decoding_takes_no_more_memory_than_its_cost_says(
 ) -> None:
     # Each image in a fresh process (benchmarks/decode_cost.py): how much its peak RSS grew decoding it. Whole,
     # an 8 MP RGBA PNG took 150 MB (RGBA, background, blend, RGB and numpy's copy) and a palette one 130 MB.
-    from benchmarks.decode_cost import flat_image, measure
-
     measured = measure(fmt, mode, options, megapixels, tmp_path)
     assert measured["outcome"] == "decoded", measured
-    image = Image.open(BytesIO(_save(flat_image(mode, megapixels), fmt, **options)))
-    cost_mb = decode_cost(image, turn=None, out_height=300) / 1e6
+    image = open_image(_save(flat_image(mode, megapixels), fmt, **options), 40_000_000)
+    buffers = decoder_buffers(image)
+    if fmt == "JPEG":
+        image.draft("RGB", (300, 300))  # as decode() does, after reading what the decoder holds besides
+    cost_mb = decode_cost(image, None, 300, buffers) / 1e6
     # Beyond what the cost counts: libpng's and libtiff's buffers, and Python's own.
     assert measured["peak_rss_growth_mb"] <= cost_mb * 1.1 + 12, (measured, cost_mb)
 
@@ -587,27 +595,8 @@ def test_a_very_wide_image_is_resized_without_a_copy_of_its_row_per_output_row()
     assert peak < 3 * out.nbytes, f"peak {peak / out.nbytes:.2f}x the output"
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-
-def _tiff_exif(orientation: int, padding_shorts: int = 0) -> bytes:
-    """A big-endian EXIF block: the orientation, and optionally one private tag of that many SHORT values."""
-    entries = [(0x0112, 3, 1, orientation << 16)]
-    if padding_shorts:
-        entries.append((0xC000, 3, padding_shorts, 8 + 2 + 12 * 2 + 4))
-    ifd = len(entries).to_bytes(2, "big") + b"".join(
-        tag.to_bytes(2, "big") + kind.to_bytes(2, "big") + count.to_bytes(4, "big") + value.to_bytes(4, "big")
-        for tag, kind, count, value in entries
-    )
-    return b"MM\x00\x2a\x00\x00\x00\x08" + ifd + b"\x00" * 4 + b"\x01\x2c" * padding_shorts
-
-
 def _png_with_exif(image: Image.Image, exif: bytes) -> bytes:
-    """`image` as a PNG whose eXIf chunk comes right after IHDR."""
-    data = _save(image, "PNG")
-    chunks = _png_chunks(data)
-    return data[:8] + chunks[0] + _png_chunk(b"eXIf", exif) + b"".join(chunks[1:])
+    return png_with(image, png_chunk(b"eXIf", exif))
 
 
 @pytest.mark.parametrize("orientation", [0, 9])
@@ -615,33 +604,60 @@ def test_an_orientation_that_turns_nothing_costs_nothing_more(orientation: int) 
     # exif_transpose leaves an image with orientation 0 or 9 as it is: no turned copy to count.
     image = Image.new("RGB", (400, 300), (10, 20, 30))
     spec = Preprocessing(height=30, width=40)
-    cost = decode_cost(Image.open(BytesIO(_png_with_exif(image, _tiff_exif(1)))), None, 30)
-    odd = _png_with_exif(image, _tiff_exif(orientation))
+    cost = decode_cost(Image.open(BytesIO(_png_with_exif(image, exif_block(1)))), None, 30)
+    odd = _png_with_exif(image, exif_block(orientation))
     assert preprocess(odd, spec, LIMIT, max_decode_bytes=cost).shape == (30, 40, 3)
     with pytest.raises(ImageTooLarge):
-        preprocess(_png_with_exif(image, _tiff_exif(6)), spec, LIMIT, max_decode_bytes=cost)
+        preprocess(_png_with_exif(image, exif_block(6)), spec, LIMIT, max_decode_bytes=cost)
 
 
 def test_a_tall_image_turned_on_its_side_counts_the_rows_it_is_read_by_once_turned(tmp_path: Path) -> None:
     # 300x20000, orientation 6: once turned the resize reads up to 300 rows 20000 pixels wide (18 MB of RGB),
     # not 600 rows 300 wide as the header's own width would say.
-    from benchmarks.decode_cost import decode_in_a_fresh_process
-
     path = tmp_path / "tall.png"
-    path.write_bytes(_png_with_exif(Image.new("L", (300, 20000), 90), _tiff_exif(6)))
+    path.write_bytes(_png_with_exif(Image.new("L", (300, 20000), 90), exif_block(6)))
     measured = decode_in_a_fresh_process(path)
     assert measured["outcome"] == "decoded", measured
-    with Image.open(path) as image:
-        cost_mb = decode_cost(image, Image.Transpose.ROTATE_270, 300) / 1e6
+    cost_mb = decode_cost(open_image(path.read_bytes(), 40_000_000), Image.Transpose.ROTATE_270, 300) / 1e6
     assert cost_mb > 18 and measured["peak_rss_growth_mb"] <= cost_mb * 1.1 + 12, (measured, cost_mb)
 
 
 def test_a_large_exif_block_is_not_turned_into_python_objects(tmp_path: Path) -> None:
     # 1.5 million SHORT values beside orientation 6 in a 1x1 PNG (3 MB): ImageOps.exif_transpose wrote the
     # block anew, every value a Python int first (964 MB for 4.9 million); only the pixels are turned now.
-    from benchmarks.decode_cost import decode_in_a_fresh_process
-
     path = tmp_path / "exif.png"
-    path.write_bytes(_png_with_exif(Image.new("RGB", (1, 1), (1, 2, 3)), _tiff_exif(6, padding_shorts=1_500_000)))
+    path.write_bytes(_png_with_exif(Image.new("RGB", (1, 1), (1, 2, 3)), exif_block(6, padding_shorts=1_500_000)))
     measured = decode_in_a_fresh_process(path)
     assert measured["outcome"] == "decoded" and measured["peak_rss_growth_mb"] < 40, measured
+
+
+def test_an_rle_bmp_counts_the_decoders_two_copies(tmp_path: Path) -> None:
+    # Pillow's RLE decoder builds the pixels in a bytearray, then hands over a bytes copy: a 1 KiB file, 48 MB.
+    path = tmp_path / "rle.bmp"
+    path.write_bytes(rle8_bmp(4000, 4000))
+    image = open_image(path.read_bytes(), 40_000_000)
+    cost_mb = decode_cost(image, None, 300, decoder_buffers(image)) / 1e6
+    measured = decode_in_a_fresh_process(path)
+    assert measured["outcome"] == "decoded" and measured["peak_rss_growth_mb"] <= cost_mb * 1.1 + 12, (
+        measured,
+        cost_mb,
+    )
+
+
+def test_a_gif_frame_larger_than_its_screen_is_refused_before_pillow_fills_it(tmp_path: Path) -> None:
+    # 43 bytes: a 1x1 screen, then an 8000x8000 first frame to be disposed of to the background. Opening it
+    # filled a 64 MP disposal buffer before the pixel limit was looked at.
+    path = tmp_path / "frame.gif"
+    path.write_bytes(gif_with_a_large_frame(8000))
+    measured = decode_in_a_fresh_process(path)
+    assert measured["outcome"] == "413 image_too_large" and measured["peak_rss_growth_mb"] < 8, measured
+
+
+def test_png_text_chunks_are_read_only_up_to_what_metadata_needs() -> None:
+    # Read whole when the file is opened: Pillow allowed 64 Mi characters (253 MB of Python strings for a
+    # 260 KiB file of 4-byte characters). XMP metadata of 200 KB still passes.
+    spec = Preprocessing(height=30, width=40)
+    assert preprocess(png_text(1, 200_000), spec, LIMIT).shape == (30, 40, 3)
+    for body in (png_text(1, 300_000), png_text(8, 200_000)):  # past one chunk's 256 KiB, past 1 MiB in all
+        with pytest.raises(InvalidImage, match="text chunks"):
+            preprocess(body, spec, LIMIT)
