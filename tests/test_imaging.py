@@ -138,11 +138,8 @@ def test_bilinear_tf_by_bands_is_bit_identical_to_the_whole_image(in_h: int, in_
     np.testing.assert_array_equal(resize_bilinear_tf(src, out_h, 300), _whole_image_bilinear_tf(src, out_h, 300))
 
 
-def test_a_resize_holds_a_band_of_float_temporaries_not_whole_images() -> None:
-    # Each thread's malloc arena keeps what it freed: whole-image temporaries (four float32 outputs and two
-    # row gathers, over 5x the output) cost 12 MB of peak RSS at 2 clients
-    # (200.2 against 188.2 MB, benchmarks/results/sweep-banded-resize-arenas.md).
-    src = np.random.default_rng(4).integers(0, 256, (540, 960, 3), dtype=np.uint8)
+def _resize_peak(src: np.ndarray) -> float:
+    """The most numpy held at once while resizing `src` to 300x300, in multiples of the output."""
     resize_bilinear_tf(src, 300, 300)  # the sampling plan is cached from here on
     tracemalloc.start()
     try:
@@ -150,7 +147,15 @@ def test_a_resize_holds_a_band_of_float_temporaries_not_whole_images() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 3 * out.nbytes, f"peak {peak / out.nbytes:.2f}x the output"
+    return float(peak / out.nbytes)
+
+
+def test_a_resize_holds_a_band_of_float_temporaries_not_whole_images() -> None:
+    # Each thread's malloc arena keeps what it freed: whole-image temporaries (four float32 outputs and two
+    # row gathers, over 5x the output) cost 12 MB of peak RSS at 2 clients
+    # (200.2 against 188.2 MB, benchmarks/results/sweep-banded-resize-arenas.md).
+    src = np.random.default_rng(4).integers(0, 256, (540, 960, 3), dtype=np.uint8)
+    assert (peak := _resize_peak(src)) < 3, f"peak {peak:.2f}x the output"
 
 
 def test_output_shape_dtype_and_raw_value_range() -> None:
@@ -585,14 +590,7 @@ def test_a_very_wide_image_is_resized_without_a_copy_of_its_row_per_output_row()
     # 2 million pixels in one row: every output row reads that row. Gathered per output row it was copied 64
     # times a band (1.5 GB for a 2.1 KiB PNG); read once, the resize holds about its output.
     src = np.full((1, 2_000_000, 3), 7, dtype=np.uint8)
-    resize_bilinear_tf(src, 300, 300)  # the sampling plan is cached from here on
-    tracemalloc.start()
-    try:
-        out = resize_bilinear_tf(src, 300, 300)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 3 * out.nbytes, f"peak {peak / out.nbytes:.2f}x the output"
+    assert (peak := _resize_peak(src)) < 3, f"peak {peak:.2f}x the output"
 
 
 def _png_with_exif(image: Image.Image, exif: bytes) -> bytes:
