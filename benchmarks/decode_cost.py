@@ -141,6 +141,93 @@ def gif_with_a_large_frame(side: int) -> bytes:
     return b"GIF89a" + screen + control + frame + b"\x02\x02\x4c\x01\x00\x3b"
 
 
+def _tiff(entries: list[tuple[int, int, int, int]], tail: bytes) -> bytes:
+    """A little-endian TIFF: one directory of (tag, type, count, value) right after the header, then `tail`."""
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\x00" * 4
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + tail
+
+
+def tiff_in_one_tile(tile: int, side: int = 16) -> bytes:
+    """A side x side greyscale TIFF in one deflate tile of tile x tile pixels."""
+    data = zlib.compress(bytes(tile * tile), 9)
+    start = 8 + 2 + 12 * 10 + 4
+    tags = [(256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1), (277, 3, 1, 1)]
+    tags += [(322, 3, 1, tile), (323, 3, 1, tile), (324, 4, 1, start), (325, 4, 1, len(data))]
+    return _tiff(tags, data)
+
+
+def tiff_with_strips(strips: int, side: int = 16) -> bytes:
+    """An uncompressed side x side greyscale TIFF whose StripOffsets list `strips` entries (all the same row)."""
+    pixels = 8 + 2 + 12 * 9 + 4
+    offsets = pixels + side * side
+    counts = offsets + 2 * strips
+    tags = [(256, 3, 1, side), (257, 3, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1)]
+    tags += [(273, 3, strips, offsets), (277, 3, 1, 1), (278, 3, 1, 1), (279, 3, strips, counts)]
+    return _tiff(
+        tags,
+        bytes(side * side)
+        + struct.pack(f"<{strips}H", *[pixels] * strips)
+        + struct.pack(f"<{strips}H", *[side] * strips),
+    )
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _one_code_table(kind: int, table: int, symbol: int) -> bytes:
+    """A Huffman table whose only code is one bit long, for `symbol`."""
+    return _segment(0xC4, bytes([(kind << 4) | table]) + bytes([1] + [0] * 15) + bytes([symbol]))
+
+
+def _bits(values: list[tuple[int, int]]) -> bytes:
+    """(value, bit count) pairs as entropy-coded data: 0xFF stuffed with 0x00, padded with ones."""
+    out, acc, count = bytearray(), 0, 0
+    for value, bits in [*values, (0x7F, 7)]:
+        for i in range(bits - 1, -1, -1):
+            acc, count = (acc << 1) | ((value >> i) & 1), count + 1
+            if count == 8:
+                out += b"\xff\x00" if acc == 0xFF else bytes([acc])
+                acc, count = 0, 0
+    return bytes(out)
+
+
+def jpeg_with_scans(width: int, height: int, scans: int) -> bytes:
+    """A grey progressive JPEG: its DC scan, then the same empty AC scan `scans` times (libjpeg decodes each)."""
+    blocks = -(-width // 8) * -(-height // 8)
+    head = b"\xff\xd8" + _segment(0xDB, b"\x00" + bytes([1] * 64))
+    head += _segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + bytes([1, 0x11, 0]))
+    head += _one_code_table(0, 0, 0) + _one_code_table(1, 0, 0xE0)
+    dc = _segment(0xDA, bytes([1, 1, 0x00, 0, 0, 0])) + _bits([(0, 1)] * blocks)
+    ac = _segment(0xDA, bytes([1, 1, 0x00, 1, 63, 0])) + _bits([(0, 1), (0x3FFF, 14)] * -(-blocks // 32767))
+    return head + dc + ac * scans + b"\xff\xd9"
+
+
+def jpeg_in_component_scans(width: int, height: int) -> bytes:
+    """A baseline (SOF0) colour JPEG of zeros whose three components come in three scans, not interleaved."""
+    blocks = -(-width // 8) * -(-height // 8)
+    head = b"\xff\xd8" + _segment(0xDB, b"\x00" + bytes([1] * 64))
+    head += _segment(0xC0, struct.pack(">BHHB", 8, height, width, 3) + bytes([1, 0x11, 0, 2, 0x11, 0, 3, 0x11, 0]))
+    head += _one_code_table(0, 0, 0) + _one_code_table(1, 0, 0)
+    scans = b"".join(
+        _segment(0xDA, bytes([1, component, 0x00, 0, 63, 0])) + _bits([(0, 2)] * blocks) for component in (1, 2, 3)
+    )
+    return head + scans + b"\xff\xd9"
+
+
+def gif_with_comment_blocks(blocks: int) -> bytes:
+    """A 1x1 GIF with one comment extension of `blocks` two-byte sub-blocks ahead of its frame."""
+    screen = struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + b"\x00" * 6
+    comment = b"\x21\xfe" + b"\x02ab" * blocks + b"\x00"
+    frame = b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00" + b"\x02\x02\x4c\x01\x00"
+    return b"GIF89a" + screen + comment + frame + b"\x3b"
+
+
+def png_with_private_chunks(chunks: int) -> bytes:
+    """A 1x1 PNG with `chunks` empty private chunks ahead of its pixels."""
+    return png_with(Image.new("RGB", (1, 1)), png_chunk(b"prIv", b"") * chunks)
+
+
 _ONE_LZW_STRIP: dict[str, Any] = {"compression": "tiff_lzw", "strip_size": 1 << 40}
 
 
@@ -148,7 +235,7 @@ def _big_exif_png() -> bytes:
     return png_with(Image.new("RGB", (1, 1)), png_chunk(b"eXIf", exif_block(6, 4_800_000)))
 
 
-# Files made to cost the most for their size (a review of this module's decoding found each).
+# Files made to cost the most for their size (two review sessions of service/imaging.py found them).
 CRAFTED: list[tuple[str, Callable[[], bytes]]] = [
     ("PNG L 2100000x1", lambda: encoded(Image.new("L", (2_100_000, 1), 7), "PNG")),
     ("JPEG progressive 7294x5470", lambda: encoded(flat_image("RGB", 39.9), "JPEG", progressive=True, quality=90)),
@@ -157,6 +244,12 @@ CRAFTED: list[tuple[str, Callable[[], bytes]]] = [
     ("PNG 1x1, 9.6 MB EXIF, orientation 6", lambda: _big_exif_png()),
     ("PNG 1x1, 250 iTXt of 1 MB of 4-byte characters", lambda: png_text(250, 262_144, "\U0001f600")),
     ("TIFF RGB 3651x2739 LZW, one strip", lambda: encoded(flat_image("RGB", 10.0), "TIFF", **_ONE_LZW_STRIP)),
+    ("TIFF 16x16 in one 32768x32768 deflate tile", lambda: tiff_in_one_tile(32768)),
+    ("TIFF 16x16, 2.5 million StripOffsets", lambda: tiff_with_strips(2_500_000)),
+    ("JPEG progressive 5163x3873, 1000 scans", lambda: jpeg_with_scans(5163, 3873, 1000)),
+    ("JPEG baseline 7294x5470, a scan per component", lambda: jpeg_in_component_scans(7294, 5470)),
+    ("GIF 1x1, 3.4 million comment sub-blocks", lambda: gif_with_comment_blocks(3_400_000)),
+    ("PNG 1x1, 870000 private chunks", lambda: png_with_private_chunks(870_000)),
 ]
 
 

@@ -14,6 +14,7 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from service import structure
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
 from service.manifest import Preprocessing
 
@@ -76,6 +77,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     # first frame larger than its screen had its disposal buffer filled (246 MB for a 43-byte file) before the
     # check below. Every call in a process passes the same limit.
     Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
+    scans = structure.check(data)
     try:
         image = Image.open(BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -92,6 +94,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise InvalidImage(f"the image header is corrupt: {exc}") from None
     except Exception as exc:  # Pillow raises many types for corrupt headers
         raise InvalidImage(f"the image header is corrupt: {exc}") from None
+    if scans:
+        image.info["scans"] = scans  # decoder_buffers: more than one, and libjpeg keeps every coefficient
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImage(f"the image has no pixels ({width}x{height})")
@@ -105,9 +109,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 def decoder_buffers(image: Image.Image) -> int:
     """Bytes a decoder holds beside the image it decodes into, from the header, before any `draft`."""
     width, height = image.size
-    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
-        # libjpeg keeps every DCT coefficient of a progressive JPEG at full size, whatever the scale it decodes
-        # at: two bytes each, 64 per 8x8 block of each component at its sampling (117 MB for 40 MP in 4:2:0).
+    if image.format in ("JPEG", "MPO") and (image.info.get("progressive") or image.info.get("scans", 1) > 1):
+        # libjpeg keeps every DCT coefficient of a JPEG decoded in several scans (progressive, or a baseline one
+        # with a scan per component) at full size, whatever the scale it decodes at: two bytes each, 64 per 8x8
+        # block of each component at its sampling (117 MB for 40 MP in 4:2:0, 231 MB in three baseline scans).
         layers: list[tuple[int, int, int, int]] = getattr(image, "layer", [])
         most = max((h * v for _, h, v, _ in layers), default=1)
         share = sum(h * v for _, h, v, _ in layers) / most if layers else 4
@@ -115,8 +120,11 @@ def decoder_buffers(image: Image.Image) -> int:
     if image.format == "BMP" and image.info.get("compression") in (1, 2):
         return 2 * width * height  # Pillow's RLE decoder: a bytearray of the pixels, then a bytes copy of it
     tags = getattr(image, "tag_v2", None)
-    if image.format == "TIFF" and tags is not None and 322 not in tags and tags.get(259, 1) != 1:
-        # libtiff decodes a compressed strip whole into a buffer of its own: a second image for a single strip.
+    if image.format == "TIFF" and tags is not None and tags.get(259, 1) != 1:
+        # libtiff decodes a compressed strip or tile whole into a buffer of its own: a second image for a single
+        # strip, and a tile may be far larger than the image (a 16x16 image in one 32768x32768 tile: 1 GB).
+        if 322 in tags:
+            return int(tags.get(322, 0)) * int(tags.get(323, 0)) * _BYTES_PER_PIXEL.get(image.mode, 4)
         rows = min(int(tags.get(278, height)), height)
         return rows * width * _BYTES_PER_PIXEL.get(image.mode, 4)
     return 0
