@@ -46,7 +46,8 @@ def _bound(count: int, most: int, kind: str, what: str) -> None:
 def jpeg_scans(data: bytes) -> int:
     """Start-of-scan markers of the first image (an MPO holds more after it). Within entropy-coded data 0xFF is
     always followed by 0x00 or a restart marker, so from the first scan on, every FF DA starts one and FF D9
-    ends the image; before it, segments such as an EXIF thumbnail may hold any bytes, so they are skipped."""
+    ends the image; before it, segments such as an EXIF thumbnail may hold any bytes, so they are skipped. The
+    rare segment between two scans is read through: at worst a table holding FF DA counts a scan too many."""
     at = 2
     while at + 4 <= len(data):
         if data[at] != 0xFF:
