@@ -39,7 +39,6 @@ _PIL_FILTERS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
 # What each EXIF orientation asks for (ImageOps.exif_transpose's table); any other value leaves the image be.
 _TRANSPOSES = {
@@ -51,7 +50,7 @@ _TRANSPOSES = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_SWAPS = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
+_SWAPS = tuple(_TRANSPOSES[orientation] for orientation in (5, 6, 7, 8))  # the turns that swap width and height
 
 # What decoding costs, per pixel of the decoded image (benchmarks/decode_cost.py measures it). Pillow keeps
 # bilevel, greyscale and palette images in a byte a pixel, 16-bit ones in two, everything else in four.
@@ -86,13 +85,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLarge(
             f"the image has a frame of more than {max_pixels:,} pixels (MAX_IMAGE_PIXELS); nothing was decoded"
         ) from None
-    except ValueError as exc:
+    except Exception as exc:  # Pillow raises many types for corrupt headers
         if any(name in str(exc) for name in _TEXT_TOO_LARGE):
             raise InvalidImage(
                 "the PNG's text chunks (its metadata) are larger than the service reads: 256 KiB each, 1 MiB in all"
             ) from None
-        raise InvalidImage(f"the image header is corrupt: {exc}") from None
-    except Exception as exc:  # Pillow raises many types for corrupt headers
         raise InvalidImage(f"the image header is corrupt: {exc}") from None
     if scans:
         image.info["scans"] = scans  # decoder_buffers: more than one, and libjpeg keeps every coefficient
@@ -162,8 +159,10 @@ def _turn(image: Image.Image, loaded: bool) -> Image.Transpose | None:
         return None
 
 
-def _check_cost(image: Image.Image, max_decode_bytes: int, out_height: int, buffers: int, *, loaded: bool) -> None:
-    cost = decode_cost(image, _turn(image, loaded), out_height, buffers)
+def _check_cost(
+    image: Image.Image, turn: Image.Transpose | None, max_decode_bytes: int, out_height: int, buffers: int
+) -> None:
+    cost = decode_cost(image, turn, out_height, buffers)
     if cost > max_decode_bytes:
         width, height = image.size
         raise ImageTooLarge(
@@ -181,20 +180,20 @@ def decode(image: Image.Image, spec: Preprocessing, max_decode_bytes: int | None
     """
     try:
         buffers = decoder_buffers(image) if max_decode_bytes is not None else 0
+        turn = _turn(image, loaded=False)
         if image.format in ("JPEG", "MPO") and spec.jpeg_draft:
-            size = (spec.width, spec.height)
-            if image.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
-                size = (spec.height, spec.width)
+            size = (spec.height, spec.width) if turn in _SWAPS else (spec.width, spec.height)
             # Keeps both sides >= the requested size, so the resize below still downsamples.
             image.draft("RGB", size)
         if max_decode_bytes is not None:
-            _check_cost(image, max_decode_bytes, spec.height, buffers, loaded=False)
+            _check_cost(image, turn, max_decode_bytes, spec.height, buffers)
         image.load()
-        if max_decode_bytes is not None and image.format == "PNG":
-            _check_cost(image, max_decode_bytes, spec.height, buffers, loaded=True)  # an orientation after the pixels
+        if image.format == "PNG":  # an eXIf chunk after the pixels is only found once they are in
+            turn = _turn(image, loaded=True)
+            if max_decode_bytes is not None:
+                _check_cost(image, turn, max_decode_bytes, spec.height, buffers)
         # Not ImageOps.exif_transpose: it writes the EXIF block anew without the orientation, turning every
         # tag into Python objects first (a 9.6 MB block took 964 MB); only the pixels are wanted here.
-        turn = _turn(image, loaded=True)
         return image if turn is None else image.transpose(turn)
     except (ImageTooLarge, InvalidImage):
         raise
@@ -210,7 +209,7 @@ def decode_rgb(image: Image.Image, spec: Preprocessing) -> Image.Image:
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if image.mode in _SCALED_MODES:
         # 16-bit and float greyscale: Pillow's convert("RGB") clips these instead of scaling them.
         values = np.asarray(image, dtype=np.float32)
         # NaN and infinities (float TIFFs) have no pixel value: casting them to uint8 is undefined.
