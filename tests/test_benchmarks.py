@@ -280,7 +280,20 @@ def test_lone_request_alternates_blocks_and_says_where_the_time_goes(tmp_path: P
     assert "inside_ms" not in data["systems"][1]
     (ratio,) = data["ratios"]
     assert ratio["system"] == "service" and len(ratio["rounds"]) == 3 and ratio["p50 / naive, median of rounds"] > 0
+    low, high = ratio["95% interval of that median (bootstrap over rounds)"]
+    assert min(ratio["rounds"]) <= low <= ratio["p50 / naive, median of rounds"] <= high <= max(ratio["rounds"])
     assert "**Ours / naive**" in (tmp_path / "lone-request.md").read_text()
+
+
+def test_the_lone_request_interval_narrows_with_more_rounds_and_is_seeded() -> None:
+    from benchmarks.lone_request import median_interval
+
+    assert median_interval([1.02] * 12) == (1.02, 1.02)
+    spread = [0.94, 0.97, 0.99, 1.0, 1.01, 1.03, 1.06, 1.08]  # rounds as spread as a small image's
+    few, many = median_interval(spread), median_interval(spread * 8)
+    assert few[0] < 1.005 < few[1] and many[0] < 1.005 < many[1]
+    assert few[1] - few[0] > many[1] - many[0] > 0
+    assert median_interval(spread) == few  # the same rounds, the same interval
 
 
 def test_sweep_sorts_failures_by_kind(tmp_path: Path) -> None:
