@@ -101,8 +101,11 @@ class Metrics:
             self.batch_size.observe(size)
             self.inference.observe(seconds)
 
+        # Looked up once: each run counts itself between its decoding and the engine, on the request's path.
+        wide_runs, narrow_runs = self.runs.labels("wide"), self.runs.labels("narrow")
+
         def on_run(wide: bool) -> None:
-            self.runs.labels("wide" if wide else "narrow").inc()
+            (wide_runs if wide else narrow_runs).inc()
 
         return SchedulerHooks(
             on_batch=on_batch, on_queue_depth=self.queue_depth.set, on_in_flight=self.in_flight.set, on_run=on_run

@@ -28,8 +28,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -148,30 +149,28 @@ class Scheduler:
             for job in jobs:  # room was checked above, and nothing awaits in between
                 self._queue.put_nowait(job)
         self._hooks.on_queue_depth(self._waiting())
+
+        def fail(error: ServiceError) -> None:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+
+        # The deadline and the client leaving fail the jobs themselves, so the request awaits just its jobs'
+        # futures, woken straight from the run's answer: asyncio.wait over them and a watcher took one
+        # event-loop turn more, and its own bookkeeping (exp-trace: benchmarks/results/stage-trace-*.md).
+        timer = loop.call_later(timeout_s, fail, DeadlineExceeded(late or f"no answer within {timeout_s:g} s"))
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        if watcher is not None:
+            left = ClientDisconnected("the client closed the connection before the answer")
+            watcher.add_done_callback(lambda _: fail(left))
         try:
-            pending: set[asyncio.Future[Any]] = {job.future for job in jobs}
-            waiting = pending | ({watcher} if watcher else set())
-            until = loop.time() + timeout_s
-            while pending:
-                left = until - loop.time()
-                if left <= 0:
-                    break
-                await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                finished = {future for future in pending if future.done()}
-                for future in finished:
-                    future.result()  # the first failure fails the request
-                pending -= finished
-                waiting -= finished
-                if pending and watcher is not None and watcher.done():
-                    raise ClientDisconnected("the client closed the connection before the answer")
-            if pending:
-                raise DeadlineExceeded(late or f"no answer within {timeout_s:g} s")
-            return [job.future.result() for job in jobs]
+            return [await job.future for job in jobs]  # a failure fails the request (the deadline: at once)
         finally:
+            timer.cancel()
             if watcher is not None:
                 watcher.cancel()
-            # Synchronously, before any worker runs again: a job nobody waits for is skipped, not computed.
+            # Synchronously, before any worker runs again: a job nobody waits for is skipped, not computed. And a
+            # job already failed (the deadline fails them all) counts as seen: asyncio logs no error for it.
             for job in jobs:
                 job.future.cancel()
 
@@ -206,7 +205,7 @@ class Scheduler:
     async def _run(self, jobs: list[Job], now: float) -> None:
         by_engine: dict[int, list[Job]] = {}
         for job in jobs:
-            if job.future.done():  # cancelled: the client is gone or gave up
+            if job.future.done():  # failed where it waited (deadline, client gone), or nobody waits
                 continue
             if now > job.deadline:
                 job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
@@ -232,7 +231,7 @@ class Scheduler:
 
     async def _decoded(self, job: Job, now: float) -> bool:
         """Whether `job` is still to run, with its pixels decoded; if not, it has its answer or nobody waits."""
-        if job.future.done():  # cancelled: the client is gone or gave up
+        if job.future.done():  # failed where it waited (deadline, client gone), or nobody waits
             return False
         if now > job.deadline:
             job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
@@ -255,24 +254,43 @@ class Scheduler:
         return True
 
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
+        """Run `live` on an inference thread; return once its jobs have their answers."""
         self._settled.clear()
         self._in_flight += len(live)
         self._hooks.on_in_flight(self._in_flight)
-        try:
-            rows = await asyncio.get_running_loop().run_in_executor(self._pool, self._engine_run, engine, live)
-            if rows is not None:  # None: nobody waits for it any more
-                for job, row in zip(live, rows, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(row)
-        except Exception as exc:  # logged in the thread, which knows whether decoding or the run failed
-            for job in live:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-        finally:
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+
+        def answer(run: Future[list[np.ndarray | ServiceError] | None]) -> None:
             self._in_flight -= len(live)
             self._hooks.on_in_flight(self._in_flight)
             if self._idle():
                 self._settled.set()
+            try:
+                rows = run.result()
+            except Exception as exc:  # logged in the thread, which knows whether decoding or the run failed
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            else:
+                if rows is not None:  # None: nobody waits for it any more
+                    for job, row in zip(live, rows, strict=True):
+                        if not job.future.done():
+                            job.future.set_result(row)
+            if not answered.done():
+                answered.set_result(None)
+
+        try:
+            run = self._pool.submit(self._engine_run, engine, live)
+        except BaseException:
+            self._in_flight -= len(live)
+            self._hooks.on_in_flight(self._in_flight)
+            raise
+        # The answers go out from the thread's completion itself, not after this task has resumed from an
+        # executor future: one event-loop turn less between the run and the client (0.04 ms of a lone request,
+        # exp-trace: benchmarks/results/stage-trace-*.md).
+        run.add_done_callback(lambda run: loop.call_soon_threadsafe(answer, run))
+        await answered
 
     def _engine_run(self, engine: Engine, live: list[Job]) -> list[np.ndarray | ServiceError] | None:
         """On an inference thread: one run of `live`, decoding first a lone image that came undecoded (infer).

@@ -10,6 +10,7 @@ one in the same batch, a wide session, a caller with no disconnect watcher. Fast
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -645,6 +646,27 @@ def test_past_its_timeout_a_request_is_told_how_long_it_waited(engine: Recording
 
     asyncio.run(scenario())
     assert engine.images == 1  # the two that timed out in the queue never ran
+
+
+def test_a_request_of_several_images_past_its_timeout_leaves_no_failure_unseen(
+    engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The deadline fails every job still waiting; the request raises one of those failures. The others must
+    # still count as seen (cancel() does that), or asyncio logs each as an exception "never retrieved" once
+    # its future is freed.
+    async def scenario() -> None:
+        scheduler, _ = _scheduler()
+        scheduler.start()
+        try:
+            with engine.held(), pytest.raises(DeadlineExceeded, match=r"^no answer within 0\.05 s$"):
+                await scheduler.infer(engine, [_pixels(name) for name in COLOURS], 0.05)
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    gc.collect()  # the raised error's traceback holds the request's frame, and so the jobs: a cycle
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    assert engine.images == 1  # the first image was in the engine; the other three never ran
 
 
 def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_never_decoded(
