@@ -9,14 +9,13 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from service import docs_page, endpoints, oip, openapi
 from service.errors import EXCEPTION_HANDLERS
 from service.inference import DataPlane
 from service.metrics import Metrics, MetricsMiddleware
-from service.middleware import ApiKey, ClientGuard
+from service.middleware import ApiKey, ClientGuard, Cors
 from service.model import Classifier
 from service.repository import Repository
 from service.scheduler import Admission, Scheduler
@@ -134,7 +133,7 @@ def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:
     if settings.cors_origins:
         stack.append(
             Middleware(
-                CORSMiddleware,
+                Cors,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type"],

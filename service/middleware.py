@@ -11,6 +11,8 @@ import asyncio
 import hmac
 
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import RequestTimeout, error_response
@@ -164,3 +166,18 @@ class ApiKey:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware, with a refused preflight answered in the service's JSON error shape (its own
+    answer is plain text, "Disallowed CORS origin"): a browser shows neither, but a developer's curl sees why."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        methods = ", ".join(self.allow_methods)
+        message = f"CORS preflight refused ({refused}): an origin of CORS_ORIGINS, a method of {methods}"
+        return error_response(400, "cors_refused", message, headers)

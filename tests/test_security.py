@@ -89,6 +89,13 @@ def test_cors_refuses_other_origins(keyed_server: Server) -> None:
     response = httpx.options(f"{keyed_server.url}/infer", headers=headers)
     assert response.status_code == 400
     assert "access-control-allow-origin" not in response.headers
+    # In the service's one error shape, saying what was refused.
+    assert response.json()["error"]["code"] == "cors_refused"
+    assert response.json()["error"]["message"].startswith("CORS preflight refused (origin)")
+    method = {"origin": "https://b.example", "access-control-request-method": "DELETE"}
+    refused = httpx.options(f"{keyed_server.url}/infer", headers=method)
+    assert refused.status_code == 400 and refused.headers["content-type"] == "application/json"
+    assert refused.json()["error"]["message"].startswith("CORS preflight refused (method)")
     simple = httpx.get(f"{keyed_server.url}/ping", headers={"origin": "https://evil.example"})
     assert "access-control-allow-origin" not in simple.headers
 
