@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     exp = np.exp(shifted)
     probabilities: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
     return probabilities
+
+
+def ranked(probabilities: np.ndarray, k: int) -> list[int]:
+    """The indices of the `k` highest scores, highest first: a tie in index order, a NaN after every number. One
+    rule for /infer, its top_k and OIP's classification, so they never name different classes."""
+    if k == 1:
+        # One C call where it settles the answer (argmax takes the first of a tie, but a NaN would win it): on
+        # the event loop just after a run has had both cores, a sort's Python wrappers took 0.085 ms of a lone
+        # request (exp-trace: benchmarks/results/stage-trace-*.md).
+        first = int(probabilities.argmax())
+        if not math.isnan(probabilities[first]):
+            return [first]
+    order = np.argsort(-probabilities, kind="stable")  # NaN sorts last; equal scores keep their index order
+    return [int(i) for i in order[:k]]
 
 
 def session_options(threads: int, *, spinning: bool = False) -> ort.SessionOptions:
@@ -170,15 +185,7 @@ class Classifier:
         return softmax(out) if self.manifest.output.kind == "logits" else out
 
     def top(self, probabilities: np.ndarray, k: int) -> list[Scored]:
-        if k == 1:
-            # One C call: on the event loop, just after a run has had both cores, argpartition's and argsort's
-            # Python wrappers took 0.085 ms of a lone request (exp-trace: benchmarks/results/stage-trace-*.md).
-            first = int(probabilities.argmax())
-            return [Scored(self.labels[first], float(probabilities[first]))]
-        k = min(k, probabilities.shape[-1])
-        best = np.argpartition(-probabilities, k - 1)[:k]
-        best = best[np.argsort(-probabilities[best], kind="stable")]
-        return [Scored(self.labels[i], float(probabilities[i])) for i in best]
+        return [Scored(self.labels[i], float(probabilities[i])) for i in ranked(probabilities, k)]
 
     def close(self) -> None:
         """Free the sessions now (a model swapped out, once no request needs it), whoever still holds this object."""

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from service.endpoints import UNTRAINED_SHORT, disconnected
 from service.errors import ErrorJSON, ServiceError
 from service.inference import Answer, DataPlane
-from service.model import Classifier
+from service.model import Classifier, ranked
 from service.payload import check_identity_encoding, decimal, decode_base64, parse_json, read_body
 from service.repository import LoadFailed, Repository
 
@@ -334,14 +334,10 @@ def _probabilities(answer: Answer) -> np.ndarray:
 
 
 def _classification(probabilities: np.ndarray, labels: list[str], k: int) -> list[bytes]:
-    k = min(k, probabilities.shape[1])
     strings = []
     for row in probabilities:
-        # The selection of Classifier.top, so ties rank as /infer's top_k ranks them.
-        best = np.argpartition(-row, k - 1)[:k]
-        best = best[np.argsort(-row[best], kind="stable")]
-        # Triton's form: the score as C's %f, the class index, the label.
-        strings += [f"{row[i]:f}:{i}:{labels[i]}".encode() for i in best]
+        # Triton's form: the score as C's %f, the class index, the label. Ranked as /infer ranks them.
+        strings += [f"{row[i]:f}:{i}:{labels[i]}".encode() for i in ranked(row, k)]
     return strings
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -150,21 +150,30 @@ class Scheduler:
                 self._queue.put_nowait(job)
         self._hooks.on_queue_depth(self._waiting())
 
-        def fail(error: ServiceError) -> None:
+        def fail(error: BaseException) -> None:
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(error)
 
-        # The deadline and the client leaving fail the jobs themselves, so the request awaits just its jobs'
-        # futures, woken straight from the run's answer: asyncio.wait over them and a watcher took one
-        # event-loop turn more, and its own bookkeeping (exp-trace: benchmarks/results/stage-trace-*.md).
+        def spread(future: asyncio.Future[Any]) -> None:
+            error = None if future.cancelled() else future.exception()
+            if error is not None:  # (an image's own ServiceError, such as undecodable, is its result, not this)
+                fail(error)
+
+        # The deadline, the client leaving and (several images) one image's failure fail the request's jobs
+        # themselves, so the request awaits just its jobs' futures, woken straight from the run's answer:
+        # asyncio.wait over them and a watcher took one event-loop turn more, and its own bookkeeping
+        # (exp-trace: benchmarks/results/stage-trace-*.md).
         timer = loop.call_later(timeout_s, fail, DeadlineExceeded(late or f"no answer within {timeout_s:g} s"))
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
         if watcher is not None:
             left = ClientDisconnected("the client closed the connection before the answer")
             watcher.add_done_callback(lambda _: fail(left))
+        if len(jobs) > 1:
+            for job in jobs:
+                job.future.add_done_callback(spread)
         try:
-            return [await job.future for job in jobs]  # a failure fails the request (the deadline: at once)
+            return [await job.future for job in jobs]
         finally:
             timer.cancel()
             if watcher is not None:
@@ -262,23 +271,27 @@ class Scheduler:
         answered = loop.create_future()
 
         def answer(run: Future[list[np.ndarray | ServiceError] | None]) -> None:
-            self._in_flight -= len(live)
-            self._hooks.on_in_flight(self._in_flight)
-            if self._idle():
-                self._settled.set()
             try:
                 rows = run.result()
-            except Exception as exc:  # logged in the thread, which knows whether decoding or the run failed
+                if rows is not None:  # None: nobody waits for it any more
+                    for job, row in zip(live, rows, strict=True):  # fewer rows than images: a broken model
+                        if not job.future.done():
+                            job.future.set_result(row)
+            except Exception as exc:  # a run's own failure is logged in the thread, which knows which part failed
                 for job in live:
                     if not job.future.done():
                         job.future.set_exception(exc)
-            else:
-                if rows is not None:  # None: nobody waits for it any more
-                    for job, row in zip(live, rows, strict=True):
-                        if not job.future.done():
-                            job.future.set_result(row)
-            if not answered.done():
-                answered.set_result(None)
+            finally:  # whatever happened above: this worker must go on to the next batch
+                self._in_flight -= len(live)
+                self._hooks.on_in_flight(self._in_flight)
+                if self._idle():
+                    self._settled.set()
+                if not answered.done():
+                    answered.set_result(None)
+
+        def hand_back(run: Future[list[np.ndarray | ServiceError] | None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed under a run nobody waits for
+                loop.call_soon_threadsafe(answer, run)
 
         try:
             run = self._pool.submit(self._engine_run, engine, live)
@@ -289,7 +302,7 @@ class Scheduler:
         # The answers go out from the thread's completion itself, not after this task has resumed from an
         # executor future: one event-loop turn less between the run and the client (0.04 ms of a lone request,
         # exp-trace: benchmarks/results/stage-trace-*.md).
-        run.add_done_callback(lambda run: loop.call_soon_threadsafe(answer, run))
+        run.add_done_callback(hand_back)
         await answered
 
     def _engine_run(self, engine: Engine, live: list[Job]) -> list[np.ndarray | ServiceError] | None:

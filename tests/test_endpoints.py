@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from starlette.applications import Starlette
 
-from service.model import Classifier
+from service.model import Classifier, ranked
+from service.oip import _classification
 from tests.helpers import edit_manifest, image_bytes, make_app, serving, write_tiny_artifact
 
 RED = image_bytes((255, 0, 0))
@@ -141,3 +143,25 @@ def test_top_k_outside_1_to_20_is_422(classifier: Classifier, value: str) -> Non
     )
     message = _error(response, 422, "invalid_parameter")
     assert message == f"top_k must be an integer from 1 to 20, got {value!r}"
+
+
+def test_the_best_class_is_the_first_of_the_ranking_whatever_the_ties_and_nans() -> None:
+    # /infer's class, the first of its top_k and OIP's classification come from one ranking: the first of a tie
+    # by index, a NaN (a logits model's inf through the softmax) after every number, never the answer.
+    assert ranked(np.array([1, 1, 2, 2], dtype=np.float32), 1) == [2]
+    assert ranked(np.array([1, 1, 2, 2], dtype=np.float32), 4) == [2, 3, 0, 1]
+    assert ranked(np.array([np.nan, 0.2, 0.7, 0.1], dtype=np.float32), 1) == [2]
+    assert ranked(np.array([np.nan, 0.2, 0.7, 0.1], dtype=np.float32), 4) == [2, 1, 3, 0]
+    assert _classification(np.array([[1, 1, 2, 2]], dtype=np.float32), ["a", "b", "c", "d"], 1) == [b"2.000000:2:c"]
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        row = rng.integers(0, 4, size=int(rng.integers(2, 200))).astype(np.float32)  # many ties
+        row[rng.random(row.size) < 0.05] = np.nan
+        order = ranked(row, row.size)
+        assert ranked(row, 1) == order[:1] and ranked(row, 5) == order[:5]
+        values = [float(row[i]) for i in order]
+        numbers = [v for v in values if not np.isnan(v)]
+        assert values[: len(numbers)] == numbers == sorted(numbers, reverse=True)
+        for a, b in zip(order, order[1:], strict=False):  # equal scores in index order
+            if row[a] == row[b]:
+                assert a < b

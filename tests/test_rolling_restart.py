@@ -45,7 +45,7 @@ from tests.system import require_executable
 pytestmark = pytest.mark.slow
 
 REPLICAS = 3
-CLIENTS = 4
+CLIENTS = 8
 # A test that hangs must still end: the load stops at this deadline whatever happens.
 LOAD_LIMIT_S = 240
 CHECK_INTER_MS = 200

@@ -729,3 +729,69 @@ def test_images_a_decoder_holds_count_against_the_queue_bound(engine: RecordingC
 
     asyncio.run(scenario())
     assert engine.images == 2  # the refused image never ran
+
+
+class ShortRows(GatedClassifier):
+    """A broken model: one row of answers whatever the batch (the load-time checks read only the class count)."""
+
+    def predict(self, batch: np.ndarray, wide: bool = False) -> np.ndarray:
+        return super().predict(batch, wide)[:1]
+
+
+def test_a_batch_answered_with_too_few_rows_fails_its_requests_and_the_worker_goes_on(tiny_artifact: Path) -> None:
+    broken = ShortRows.from_dir(tiny_artifact)
+    healthy = _engine(tiny_artifact)
+
+    async def scenario() -> None:
+        scheduler, metrics = _scheduler(max_batch=2, batch_wait_s=0.05)
+        scheduler.start()
+        try:
+            with pytest.raises(ValueError, match="zip"):  # a 500, not a request left to its deadline
+                await scheduler.infer(broken, [_pixels("red"), _pixels("green")], TIMEOUT_S)
+            assert _classes(healthy, await _infer(scheduler, healthy, ["blue"])) == ["blue"]
+        finally:
+            await asyncio.wait_for(scheduler.close(), TIMEOUT_S)  # the one worker was not left waiting
+        assert _value(metrics, "inference_in_flight") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_fault_in_a_later_image_fails_the_request_while_an_earlier_one_still_runs(
+    engine: RecordingClassifier,
+) -> None:
+    async def scenario() -> None:
+        scheduler, _ = _scheduler(workers=2)
+        scheduler.start()
+        try:
+            with engine.held():
+                engine.finished.clear()
+                request = asyncio.ensure_future(scheduler.infer(engine, [_pixels("red"), _broken], TIMEOUT_S))
+                await until(lambda: request.done(), "the fault to fail the request, the first image still held")
+                assert engine.runs == 1 and not engine.finished.is_set()
+                with pytest.raises(RuntimeError, match="a fault of the decoder"):
+                    request.result()
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_run_that_ends_after_its_event_loop_logs_nothing(
+    engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A loop stopped without Scheduler.close() (a forced exit) while a run is in the engine: the run's answer
+    # has nowhere to go, and that is no error.
+    async def scenario() -> Scheduler:
+        scheduler, _ = _scheduler()
+        scheduler.start()
+        engine.gate.clear()
+        asyncio.ensure_future(scheduler.infer(engine, [_pixels("red")], TIMEOUT_S))
+        await until(lambda: engine.runs == 1, "a run in the engine")
+        return scheduler
+
+    try:
+        scheduler = asyncio.run(scenario())  # cancels the request and the workers, then closes the loop
+    finally:
+        engine.gate.set()
+    scheduler._pool.shutdown(wait=True)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
