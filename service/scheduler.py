@@ -265,8 +265,7 @@ class Scheduler:
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
         """Run `live` on an inference thread; return once its jobs have their answers."""
         self._settled.clear()
-        self._in_flight += len(live)
-        self._hooks.on_in_flight(self._in_flight)
+        self._count_in_engine(len(live))
         loop = asyncio.get_running_loop()
         answered = loop.create_future()
 
@@ -282,8 +281,7 @@ class Scheduler:
                     if not job.future.done():
                         job.future.set_exception(exc)
             finally:  # whatever happened above: this worker must go on to the next batch
-                self._in_flight -= len(live)
-                self._hooks.on_in_flight(self._in_flight)
+                self._count_in_engine(-len(live))
                 if self._idle():
                     self._settled.set()
                 if not answered.done():
@@ -293,17 +291,17 @@ class Scheduler:
             with contextlib.suppress(RuntimeError):  # the event loop has closed under a run nobody waits for
                 loop.call_soon_threadsafe(answer, run)
 
-        try:
-            run = self._pool.submit(self._engine_run, engine, live)
-        except BaseException:
-            self._in_flight -= len(live)
-            self._hooks.on_in_flight(self._in_flight)
-            raise
+        # The pool is shut down only by close(), once every worker has stopped: a submit here is never refused.
+        run = self._pool.submit(self._engine_run, engine, live)
         # The answers go out from the thread's completion itself, not after this task has resumed from an
         # executor future: one event-loop turn less between the run and the client (0.04 ms of a lone request,
         # exp-trace: benchmarks/results/stage-trace-*.md).
         run.add_done_callback(hand_back)
         await answered
+
+    def _count_in_engine(self, images: int) -> None:
+        self._in_flight += images
+        self._hooks.on_in_flight(self._in_flight)
 
     def _engine_run(self, engine: Engine, live: list[Job]) -> list[np.ndarray | ServiceError] | None:
         """On an inference thread: one run of `live`, decoding first a lone image that came undecoded (infer).

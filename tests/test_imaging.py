@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from benchmarks.decode_cost import (
     decode_in_a_fresh_process,
+    encoded,
     exif_block,
     flat_image,
     gif_with_a_large_frame,
@@ -50,12 +51,6 @@ def _fresh_resize_plans() -> None:
     # Plans are cached per size: each test computes its own (under mutmut, a plan cached before the fork
     # would hide a changed sampling grid).
     _resize_plan.cache_clear()
-
-
-def _save(image: Image.Image, fmt: str, **kw: object) -> bytes:
-    buffer = BytesIO()
-    image.save(buffer, format=fmt, **kw)  # type: ignore[arg-type]
-    return buffer.getvalue()
 
 
 def _naive_bilinear_tf(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -190,15 +185,15 @@ def test_every_mode_becomes_rgb(mode: str, colour: object, expected: tuple[int, 
 def test_palette_with_transparency() -> None:
     image = Image.new("P", (20, 20), 0)
     image.putpalette([200, 10, 10] + [0, 0, 0] * 255)
-    opaque = preprocess(_save(image, "PNG"), SPEC, LIMIT)
+    opaque = preprocess(encoded(image, "PNG"), SPEC, LIMIT)
     np.testing.assert_allclose(opaque[0, 0], (200, 10, 10))
-    transparent = preprocess(_save(image, "PNG", transparency=0), SPEC, LIMIT)
+    transparent = preprocess(encoded(image, "PNG", transparency=0), SPEC, LIMIT)
     np.testing.assert_allclose(transparent[0, 0], (255, 255, 255))
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
     image = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
-    out = preprocess(_save(image, "PNG"), SPEC, LIMIT)
+    out = preprocess(encoded(image, "PNG"), SPEC, LIMIT)
     np.testing.assert_allclose(out[0, 0], [40000 / 257] * 3, atol=1)
 
 
@@ -210,7 +205,7 @@ def test_exif_orientation_is_applied() -> None:
     stored = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90)  # 60x40 -> 40x60 stored
     exif = Image.Exif()
     exif[0x0112] = 6
-    data = _save(stored, "JPEG", exif=exif, quality=95)
+    data = encoded(stored, "JPEG", exif=exif, quality=95)
     out = preprocess(data, replace(SPEC, height=40, width=60), LIMIT)
     assert out[20, 5, 0] > 200 and out[20, 5, 2] < 60  # left is red again
     assert out[20, 55, 2] > 200 and out[20, 55, 0] < 60  # right is blue
@@ -219,7 +214,7 @@ def test_exif_orientation_is_applied() -> None:
 def test_jpeg_draft_decodes_large_images_at_reduced_scale() -> None:
     rng = np.random.default_rng(2)
     big = Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).resize((1600, 1200))
-    data = _save(big, "JPEG", quality=90)
+    data = encoded(big, "JPEG", quality=90)
     spec = Preprocessing(height=300, width=300)
     with_draft = preprocess(data, spec, LIMIT)
     full = preprocess(data, replace(spec, jpeg_draft=False), LIMIT)
@@ -257,24 +252,24 @@ def test_float_greyscale_is_scaled_from_zero_to_one() -> None:
     # Mode F: 0..1 floats (the usual range) are stretched to 0..255; Pillow's own convert would clip them to 0/1.
     image = Image.fromarray(np.full((20, 20), 0.5, dtype=np.float32))
     assert image.mode == "F"
-    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [128, 128, 128], atol=0.5)
+    np.testing.assert_allclose(preprocess(encoded(image, "TIFF"), SPEC, LIMIT)[0, 0], [128, 128, 128], atol=0.5)
     # Floats already on 0..255 stay as they are.
     image = Image.fromarray(np.full((20, 20), 200.0, dtype=np.float32))
-    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [200, 200, 200], atol=0.5)
+    np.testing.assert_allclose(preprocess(encoded(image, "TIFF"), SPEC, LIMIT)[0, 0], [200, 200, 200], atol=0.5)
     # Exactly 1.0 is the top of the 0..1 range.
     image = Image.fromarray(np.full((20, 20), 1.0, dtype=np.float32))
-    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [255, 255, 255])
+    np.testing.assert_allclose(preprocess(encoded(image, "TIFF"), SPEC, LIMIT)[0, 0], [255, 255, 255])
 
 
 def test_32_bit_integer_greyscale() -> None:
     # Mode I: values past 255 are taken as 16-bit and scaled down; small ones stay.
     image = Image.fromarray(np.full((20, 20), 51400, dtype=np.int32))
     assert image.mode == "I"
-    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [200, 200, 200], atol=0.5)
+    np.testing.assert_allclose(preprocess(encoded(image, "TIFF"), SPEC, LIMIT)[0, 0], [200, 200, 200], atol=0.5)
     image = Image.fromarray(np.full((20, 20), 255, dtype=np.int32))
-    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [255, 255, 255])
+    np.testing.assert_allclose(preprocess(encoded(image, "TIFF"), SPEC, LIMIT)[0, 0], [255, 255, 255])
     image = Image.fromarray(np.full((20, 20), 90, dtype=np.int32))
-    np.testing.assert_allclose(preprocess(_save(image, "TIFF"), SPEC, LIMIT)[0, 0], [90, 90, 90])
+    np.testing.assert_allclose(preprocess(encoded(image, "TIFF"), SPEC, LIMIT)[0, 0], [90, 90, 90])
 
 
 def _expected_with_draft(data: bytes, spec: Preprocessing, draft_size: tuple[int, int] | None) -> np.ndarray:
@@ -294,7 +289,7 @@ def test_jpeg_draft_keeps_the_displayed_image_at_least_model_sized(orientation: 
     stored = Image.fromarray(rng.integers(0, 256, (1200, 400, 3), dtype=np.uint8))
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = _save(stored, "JPEG", exif=exif, quality=90)
+    data = encoded(stored, "JPEG", exif=exif, quality=90)
     spec = Preprocessing(height=100, width=300)
     rotated = orientation in (5, 6, 7, 8)
     out = preprocess(data, spec, LIMIT)
@@ -339,7 +334,7 @@ def test_pillow_filters_are_the_ones_named(name: str) -> None:
         "hamming": Image.Resampling.HAMMING,
     }
     expected = np.asarray(src.resize((40, 30), resample=filters[name]), dtype=np.float32)
-    out = preprocess(_save(src, "PNG"), spec, LIMIT)
+    out = preprocess(encoded(src, "PNG"), spec, LIMIT)
     assert out.dtype == np.float32 and out.shape == (30, 40, 3)
     np.testing.assert_array_equal(out, expected)
 
@@ -362,7 +357,7 @@ def test_background_shows_through_transparency() -> None:
 
 def test_jpeg_draft_is_skipped_when_the_manifest_says_so() -> None:
     big = Image.fromarray(np.random.default_rng(5).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
-    data = _save(big, "JPEG", quality=90)
+    data = encoded(big, "JPEG", quality=90)
     spec = Preprocessing(height=300, width=300, jpeg_draft=False)
     np.testing.assert_array_equal(preprocess(data, spec, LIMIT), _expected_with_draft(data, spec, None))
 
@@ -490,7 +485,7 @@ def test_a_large_image_is_preprocessed_from_its_rows_with_the_same_values() -> N
     side = int(ROWS_ONLY_ABOVE_PIXELS**0.5) + 20
     rgba = Image.fromarray(rng.integers(0, 256, (side, side, 4), dtype=np.uint8), "RGBA")
     spec = Preprocessing(height=300, width=300)
-    data = _save(rgba, "PNG")
+    data = encoded(rgba, "PNG")
     expected = resize_bilinear_tf(np.asarray(_to_rgb(rgba, spec.background), dtype=np.uint8), 300, 300)
     np.testing.assert_array_equal(preprocess(data, spec, LIMIT, max_decode_bytes=64 << 20), expected)
 
@@ -505,7 +500,7 @@ def test_an_image_too_costly_to_decode_is_refused_before_a_pixel_is_decoded(fmt:
     rng = np.random.default_rng(13)
     noise = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
     image = noise.convert("P") if fmt == "GIF" else noise
-    data = _truncated(_save(image, fmt))
+    data = _truncated(encoded(image, fmt))
     spec = Preprocessing(height=30, width=40)
     # The limit is read from the header: a truncated file is refused as too costly, not found broken.
     with pytest.raises(ImageTooLarge, match=r"\(MAX_DECODE_BYTES\)"):
@@ -516,7 +511,7 @@ def test_an_image_too_costly_to_decode_is_refused_before_a_pixel_is_decoded(fmt:
 
 def test_a_webp_costs_four_times_its_decoded_size() -> None:
     # libwebp's buffer, the bytes Python gets, and the image (decode-cost-after.md: 63.7 MB for 4 MP of RGB).
-    data = _save(Image.new("RGB", (400, 300), (10, 20, 30)), "WEBP", lossless=True)
+    data = encoded(Image.new("RGB", (400, 300), (10, 20, 30)), "WEBP", lossless=True)
     spec = Preprocessing(height=30, width=40)
     cost = 4 * 400 * 300 * 4 + 2 * 30 * 400 * 3  # and the 60 rows the resize reads, in RGB
     assert decode_cost(Image.open(BytesIO(data)), turn=None, out_height=30) == cost
@@ -530,17 +525,17 @@ def test_a_jpeg_costs_what_it_is_decoded_at_not_its_full_size() -> None:
     photo = Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8))
     spec = Preprocessing(height=300, width=300)
     # 12 MP is 48 MB decoded whole; drafted to 500x375 (1/8), with the rows the resize reads, a JPEG takes 1.3 MB.
-    jpeg = preprocess(_save(photo, "JPEG", quality=80), spec, 40_000_000, max_decode_bytes=2 << 20)
+    jpeg = preprocess(encoded(photo, "JPEG", quality=80), spec, 40_000_000, max_decode_bytes=2 << 20)
     assert jpeg.shape == (300, 300, 3)
     with pytest.raises(ImageTooLarge, match="Only a JPEG is decoded reduced"):
-        preprocess(_save(photo, "PNG", compress_level=1), spec, 40_000_000, max_decode_bytes=2 << 20)
+        preprocess(encoded(photo, "PNG", compress_level=1), spec, 40_000_000, max_decode_bytes=2 << 20)
 
 
 def test_a_png_turned_by_an_orientation_after_its_pixels_counts_the_turned_copy() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # turned a quarter: exif_transpose makes a turned copy of the decoded image
     noise = np.random.default_rng(15).integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    data = _save(Image.fromarray(noise), "PNG", exif=exif)
+    data = encoded(Image.fromarray(noise), "PNG", exif=exif)
     chunks = png_chunks(data)
     assert [c[4:8] for c in chunks].index(b"eXIf") < [c[4:8] for c in chunks].index(b"IDAT")
     exif_chunk = next(c for c in chunks if c[4:8] == b"eXIf")
@@ -577,7 +572,7 @@ def test_decoding_takes_no_more_memory_than_its_cost_says(
     # an 8 MP RGBA PNG took 150 MB (RGBA, background, blend, RGB and numpy's copy) and a palette one 130 MB.
     measured = measure(fmt, mode, options, megapixels, tmp_path)
     assert measured["outcome"] == "decoded", measured
-    image = open_image(_save(flat_image(mode, megapixels), fmt, **options), 40_000_000)
+    image = open_image(encoded(flat_image(mode, megapixels), fmt, **options), 40_000_000)
     buffers = decoder_buffers(image)
     if fmt == "JPEG":
         image.draft("RGB", (300, 300))  # as decode() does, after reading what the decoder holds besides
