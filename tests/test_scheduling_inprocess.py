@@ -10,10 +10,11 @@ one in the same batch, a wide session, a caller with no disconnect watcher. Fast
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,17 @@ def _scheduler(**settings: Any) -> tuple[Scheduler, Metrics]:
     options: dict[str, Any] = {"workers": 1, "max_batch": 1, "batch_wait_s": 0.0, "max_queue": 8, "decoders": 1}
     options |= settings
     return Scheduler(**options, hooks=metrics.scheduler_hooks()), metrics
+
+
+@contextlib.asynccontextmanager
+async def _running(**settings: Any) -> AsyncIterator[tuple[Scheduler, Metrics]]:
+    """A started scheduler, closed on the way out whatever the scenario raised."""
+    scheduler, metrics = _scheduler(**settings)
+    scheduler.start()
+    try:
+        yield scheduler, metrics
+    finally:
+        await scheduler.close()
 
 
 def _value(metrics: Metrics, name: str, **labels: str) -> float:
@@ -147,9 +159,7 @@ def test_a_batch_holds_what_is_queued_and_each_job_runs_on_its_own_model(tiny_ar
     left = asyncio.Event()
 
     async def scenario() -> None:
-        scheduler, metrics = _scheduler(max_batch=2, batch_wait_s=60.0)
-        scheduler.start()
-        try:
+        async with _running(max_batch=2, batch_wait_s=60.0) as (scheduler, metrics):
             with first_model.held():
                 opening = _infer(scheduler, first_model, ["red", "green"])
                 await until(lambda: first_model.runs == 1, "the first batch in the engine")
@@ -166,8 +176,6 @@ def test_a_batch_holds_what_is_queued_and_each_job_runs_on_its_own_model(tiny_ar
             assert _classes(first_model, await opening) == ["red", "green"]
             assert _classes(second_model, await alone) == ["dark"]
             assert [_classes(first_model, await task)[0] for task in mixed] == ["green", "blue"]
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert (first_model.runs, first_model.images) == (2, 3)
@@ -176,13 +184,9 @@ def test_a_batch_holds_what_is_queued_and_each_job_runs_on_its_own_model(tiny_ar
 
 def test_a_short_batch_wait_still_takes_what_is_already_queued(engine: RecordingClassifier) -> None:
     async def scenario() -> list[list[np.ndarray]]:
-        scheduler, _ = _scheduler(max_batch=2, batch_wait_s=0.5)
-        scheduler.start()
-        try:
+        async with _running(max_batch=2, batch_wait_s=0.5) as (scheduler, _):
             # Both are queued before the worker wakes: the batch fills at once, whatever the wait.
             return list(await asyncio.gather(_infer(scheduler, engine, ["red"]), _infer(scheduler, engine, ["dark"])))
-        finally:
-            await scheduler.close()
 
     answers = asyncio.run(scenario())
     assert [_classes(engine, rows)[0] for rows in answers] == ["red", "dark"]
@@ -191,12 +195,8 @@ def test_a_short_batch_wait_still_takes_what_is_already_queued(engine: Recording
 
 def test_several_images_without_a_watcher_are_answered_in_order_one_run_each(engine: RecordingClassifier) -> None:
     async def scenario() -> list[np.ndarray]:
-        scheduler, _ = _scheduler()  # MAX_BATCH=1: the answers come back one run at a time
-        scheduler.start()
-        try:
+        async with _running() as (scheduler, _):  # MAX_BATCH=1: the answers come back one run at a time
             return await scheduler.infer(engine, [_pixels(name) for name in COLOURS], TIMEOUT_S)
-        finally:
-            await scheduler.close()
 
     assert _classes(engine, asyncio.run(scenario())) == list(COLOURS)
     assert (engine.runs, engine.images) == (4, 4)
@@ -215,15 +215,11 @@ def test_the_disconnect_watcher_is_cancelled_once_the_answer_is_in(engine: Recor
             raise
 
     async def scenario() -> None:
-        scheduler, _ = _scheduler()
-        scheduler.start()
-        try:
+        async with _running() as (scheduler, _):
             assert _classes(engine, await scheduler.infer(engine, [_pixels("blue")], TIMEOUT_S, never_gone)) == ["blue"]
             assert watched.is_set()
             # Cancelled as the call returns; it learns so the next time the loop runs it.
             await asyncio.wait_for(cancelled.wait(), TIMEOUT_S)
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
 
@@ -292,9 +288,7 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
         return _pixels("red")
 
     async def scenario() -> None:
-        scheduler, metrics = _scheduler(workers=2, decoders=2)  # blue passes red while red decodes
-        scheduler.start()
-        try:
+        async with _running(workers=2, decoders=2) as (scheduler, metrics):  # blue passes red while red decodes
             slow = asyncio.ensure_future(scheduler.infer(engine, [decode_red], TIMEOUT_S))
             await until(decoding.is_set, "red being decoded")
             with engine.held():
@@ -304,8 +298,6 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
                 await until(lambda: engine.runs == 2, "the red run beside it")
             assert _classes(engine, await beside + await slow) == ["blue", "red"]
             assert _value(metrics, "inference_runs_total", session="wide") == 0
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert [wide for wide, _ in engine.calls] == [False, False]
@@ -317,17 +309,13 @@ def test_a_run_with_images_waiting_behind_it_is_narrow(engine: RecordingClassifi
     engine.add_wide_session(2)
 
     async def scenario() -> None:
-        scheduler, _ = _scheduler(workers=1)
-        scheduler.start()
-        try:
+        async with _running(workers=1) as (scheduler, _):
             with engine.held():
                 red = _infer(scheduler, engine, ["red"])
                 await until(lambda: engine.runs == 1, "red in the engine")
                 green, blue = _infer(scheduler, engine, ["green"]), _infer(scheduler, engine, ["blue"])
                 await until(lambda: scheduler._waiting() == 2, "green and blue waiting")
             assert _classes(engine, await red + await green + await blue) == ["red", "green", "blue"]
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert [wide for wide, _ in engine.calls] == [True, False, True]
@@ -349,9 +337,7 @@ def test_a_lone_image_is_decoded_and_run_on_one_inference_thread_and_a_queued_on
         return decode
 
     async def scenario() -> None:
-        scheduler, metrics = _scheduler(workers=2, decoders=1)
-        scheduler.start()
-        try:
+        async with _running(workers=2, decoders=1) as (scheduler, metrics):
             assert _classes(engine, await scheduler.infer(engine, [decoder("red")], TIMEOUT_S)) == ["red"]
             assert _value(metrics, "inference_in_flight") == 0
             with engine.held():
@@ -362,8 +348,6 @@ def test_a_lone_image_is_decoded_and_run_on_one_inference_thread_and_a_queued_on
                 await until(lambda: engine.runs == 3, "blue beside it")
             assert _classes(engine, await running + await queued) == ["green", "blue"]
             await asyncio.wait_for(scheduler.settled(), TIMEOUT_S)
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     threads = {name: thread for name, thread in decoded_on}
@@ -383,14 +367,10 @@ def test_with_batching_on_a_lone_image_is_queued_to_the_decoders_like_the_rest(e
         return _pixels("red")
 
     async def scenario() -> list[list[np.ndarray]]:
-        scheduler, _ = _scheduler(max_batch=2, batch_wait_s=TIMEOUT_S)
-        scheduler.start()
-        try:
+        async with _running(max_batch=2, batch_wait_s=TIMEOUT_S) as (scheduler, _):
             first = asyncio.ensure_future(scheduler.infer(engine, [decode], TIMEOUT_S))
             await asyncio.sleep(0)
             return list(await asyncio.gather(first, scheduler.infer(engine, [decode], TIMEOUT_S)))
-        finally:
-            await scheduler.close()
 
     answers = asyncio.run(scenario())
     assert [_classes(engine, rows) for rows in answers] == [["red"], ["red"]]
@@ -402,14 +382,10 @@ def test_a_lone_image_is_answered_with_its_own_decoding_error_and_a_decoder_faul
     engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
-        scheduler, _ = _scheduler()
-        scheduler.start()
-        try:
+        async with _running() as (scheduler, _):
             (error,) = await scheduler.infer(engine, [_undecodable], TIMEOUT_S)
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
             await _a_decoder_fault_fails_only_its_request(scheduler, engine)
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert engine.runs == 1  # dark only
@@ -420,12 +396,8 @@ def test_a_batch_alone_in_the_engine_is_wide(engine: RecordingClassifier) -> Non
     engine.add_wide_session(2)
 
     async def scenario() -> list[np.ndarray]:
-        scheduler, _ = _scheduler(max_batch=2, batch_wait_s=TIMEOUT_S)
-        scheduler.start()
-        try:
+        async with _running(max_batch=2, batch_wait_s=TIMEOUT_S) as (scheduler, _):
             return await scheduler.infer(engine, [_pixels("red"), _pixels("green")], TIMEOUT_S)
-        finally:
-            await scheduler.close()
 
     assert _classes(engine, asyncio.run(scenario())) == ["red", "green"]
     assert (engine.runs, engine.images) == (1, 2)
@@ -491,9 +463,7 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
     engine: RecordingClassifier, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
-        scheduler, metrics = _scheduler(max_batch=3, batch_wait_s=0.05)
-        scheduler.start()
-        try:
+        async with _running(max_batch=3, batch_wait_s=0.05) as (scheduler, metrics):
             with engine.held():
                 first = _infer(scheduler, engine, ["red"])
                 await until(lambda: engine.runs == 1, "the red run in the engine")
@@ -507,8 +477,6 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
             assert _classes(engine, [green, blue]) == ["green", "blue"]  # type: ignore[list-item]
             await _a_decoder_fault_fails_only_its_request(scheduler, engine)
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert (engine.runs, engine.images) == (3, 4)  # red; green and blue as one batch; dark
@@ -533,9 +501,7 @@ def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client
     names = ["red", "green", "blue", "dark", "red", "green"]
 
     async def scenario() -> None:
-        scheduler, metrics = _scheduler(workers=1, max_batch=1, decoders=1)
-        scheduler.start()
-        try:
+        async with _running(workers=1, max_batch=1, decoders=1) as (scheduler, metrics):
             with engine.held():
                 running = asyncio.ensure_future(scheduler.infer(engine, [decoder("dark")], TIMEOUT_S))
                 await until(lambda: engine.runs == 1, "a run in the engine")
@@ -557,8 +523,6 @@ def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client
                     await waiting[5]
             assert _classes(engine, await running) == ["dark"]
             assert [_classes(engine, await request) for request in waiting[:5]] == [[name] for name in names[:5]]
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert decoded == ["dark", *names[:5]], "the image of a client that left was decoded"
@@ -578,9 +542,7 @@ def test_two_workers_taking_batches_of_two_have_eight_images_decoded_ahead(engin
         return decode
 
     async def scenario() -> None:
-        scheduler, metrics = _scheduler(workers=2, max_batch=2, decoders=1, max_queue=16)
-        scheduler.start()
-        try:
+        async with _running(workers=2, max_batch=2, decoders=1, max_queue=16) as (scheduler, metrics):
             with engine.held():
                 busy = [_infer(scheduler, engine, ["dark"]) for _ in range(2)]
                 await until(lambda: engine.runs == 2, "both workers in the engine")
@@ -593,8 +555,6 @@ def test_two_workers_taking_batches_of_two_have_eight_images_decoded_ahead(engin
             for request in busy:
                 assert _classes(engine, await request) == ["dark"]
             assert _classes(engine, await waiting) == ["red"] * 12
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert decoded == list(range(12))
@@ -630,9 +590,7 @@ def test_close_ends_every_task_start_began_and_every_thread_it_used(engine: Reco
 
 def test_past_its_timeout_a_request_is_told_how_long_it_waited(engine: RecordingClassifier) -> None:
     async def scenario() -> None:
-        scheduler, _ = _scheduler()
-        scheduler.start()
-        try:
+        async with _running() as (scheduler, _):
             with engine.held():
                 running = _infer(scheduler, engine, ["red"])
                 await until(lambda: engine.runs == 1, "a run in the engine")
@@ -641,8 +599,6 @@ def test_past_its_timeout_a_request_is_told_how_long_it_waited(engine: Recording
                 with pytest.raises(DeadlineExceeded, match=r"^too late \(REQUEST_TIMEOUT_S\)$"):
                     await scheduler.infer(engine, [_pixels("blue")], 0.05, late="too late (REQUEST_TIMEOUT_S)")
             assert _classes(engine, await running) == ["red"]
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert engine.images == 1  # the two that timed out in the queue never ran
@@ -655,13 +611,9 @@ def test_a_request_of_several_images_past_its_timeout_leaves_no_failure_unseen(
     # still count as seen (cancel() does that), or asyncio logs each as an exception "never retrieved" once
     # its future is freed.
     async def scenario() -> None:
-        scheduler, _ = _scheduler()
-        scheduler.start()
-        try:
+        async with _running() as (scheduler, _):
             with engine.held(), pytest.raises(DeadlineExceeded, match=r"^no answer within 0\.05 s$"):
                 await scheduler.infer(engine, [_pixels(name) for name in COLOURS], 0.05)
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     gc.collect()  # the raised error's traceback holds the request's frame, and so the jobs: a cycle
@@ -679,9 +631,7 @@ def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_nev
         return _pixels("red")
 
     async def scenario() -> None:
-        scheduler, _ = _scheduler()
-        scheduler.start()
-        try:
+        async with _running() as (scheduler, _):
             with engine.held():
                 running = _infer(scheduler, engine, ["dark"])  # in the engine: the next image is queued
                 await until(lambda: engine.runs == 1, "a run in the engine")
@@ -693,8 +643,6 @@ def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_nev
                 with pytest.raises(DeadlineExceeded, match="^the request expired in the queue$"):
                     await request
             assert _classes(engine, await running) == ["dark"]
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
     assert decoded == [] and engine.runs == 1
@@ -760,9 +708,7 @@ def test_a_fault_in_a_later_image_fails_the_request_while_an_earlier_one_still_r
     engine: RecordingClassifier,
 ) -> None:
     async def scenario() -> None:
-        scheduler, _ = _scheduler(workers=2)
-        scheduler.start()
-        try:
+        async with _running(workers=2) as (scheduler, _):
             with engine.held():
                 engine.finished.clear()
                 request = asyncio.ensure_future(scheduler.infer(engine, [_pixels("red"), _broken], TIMEOUT_S))
@@ -770,8 +716,6 @@ def test_a_fault_in_a_later_image_fails_the_request_while_an_earlier_one_still_r
                 assert engine.runs == 1 and not engine.finished.is_set()
                 with pytest.raises(RuntimeError, match="a fault of the decoder"):
                     request.result()
-        finally:
-            await scheduler.close()
 
     asyncio.run(scenario())
 
