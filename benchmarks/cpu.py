@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class Snapshot:
     machine_idle: int
     machine_total: int
     load_generator: float = 0.0  # whole-process CPU s of the load generator, if one is watched
+    process_s: float = 0.0  # the watched process's CPU s, threads that have ended included
+    benchmark_s: float = 0.0  # this process's CPU s and its waited-for children's (a Locust run that has ended)
 
 
 def snapshot(pid: int, load_pid: int | None = None) -> Snapshot:
@@ -58,8 +61,14 @@ def snapshot(pid: int, load_pid: int | None = None) -> Snapshot:
     if load_pid is not None:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it has exited
             load = _cpu_s(Path(f"/proc/{load_pid}/stat").read_text())
+    process = 0.0
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        process = _cpu_s(Path(f"/proc/{pid}/stat").read_text())
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    benchmark = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     idle, total = _machine()
-    return Snapshot(time.perf_counter(), dict(by_role), idle, total, load)
+    return Snapshot(time.perf_counter(), dict(by_role), idle, total, load, process, benchmark)
 
 
 def per_item_ms(before: Snapshot, after: Snapshot, items: int) -> dict[str, float]:
@@ -78,3 +87,14 @@ def machine_idle(before: Snapshot, after: Snapshot) -> float:
     """The share of the whole machine's CPU time that nobody used between two snapshots."""
     total = after.machine_total - before.machine_total
     return round((after.machine_idle - before.machine_idle) / total, 4) if total else 0.0
+
+
+def other_work(before: Snapshot, after: Snapshot) -> float:
+    """Cores' worth of CPU that neither the watched process nor the benchmark (itself and the children it has
+    waited for: a Locust run that ended between the snapshots) used: other work on a shared machine, and a
+    virtual machine's steal time. Unlike the load average it does not count the benchmark's own load, and it
+    does not lag into the next point."""
+    wall = after.at - before.at
+    busy = (after.machine_total - after.machine_idle) - (before.machine_total - before.machine_idle)
+    ours = (after.process_s - before.process_s) + (after.benchmark_s - before.benchmark_s)
+    return round(max(0.0, (busy / _TICKS - ours) / wall), 3) if wall > 0 else 0.0

@@ -11,12 +11,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from benchmarks import cpu
 from benchmarks.ab import GIT, checkout_service, parse_variant
 from benchmarks.payloads import image_set
 from benchmarks.run import System, local_env, start, stop
@@ -250,6 +252,7 @@ def test_sweep_quick_writes_every_point_both_sets_and_the_plot(tmp_path: Path) -
         assert point["requests"] > 0 and point["answered_per_s"] > 0, point
         assert 0 < point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"], point
         assert point["peak_rss_mb"] > 0 and point["cold_start_s"] > 0, point
+        assert 0 <= point["other_work_cores"] <= data["machine"]["cores_available"], point
         # Neither server sheds or fails at 4 clients: every request is answered.
         assert point["errors"] == 0 and sum(point["errors_by_kind"].values()) == 0, point
     # Each (set, level) ran both systems, in the order that alternates from one (set, level) to the next.
@@ -263,6 +266,33 @@ def test_sweep_quick_writes_every_point_both_sets_and_the_plot(tmp_path: Path) -
     table = (tmp_path / "sweep-quick.md").read_text()
     assert "Ours / naive" in table and "Image set **small**" in table and "Image set **large**" in table
     assert (tmp_path / "sweep-quick.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_other_work_counts_a_neighbour_but_not_the_server_or_the_load_generator() -> None:
+    """The sweep's busy-machine check: a core burnt by a process the benchmark does not own reads as other
+    work; the watched server's and a load generator's that ended inside the window do not (the load average,
+    used before, counted both and lagged into the next point)."""
+    burn = [sys.executable, "-c", "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"]
+    server = subprocess.Popen(burn)
+    try:
+        before = cpu.snapshot(server.pid)
+        subprocess.run(burn, check=True)  # the load generator, waited for as benchmarks.run.locust does
+        after = cpu.snapshot(server.pid)
+    finally:
+        server.wait()
+    assert cpu.other_work(before, after) < 0.5, "the server and the load generator read as other work"
+
+    neighbour = subprocess.Popen(burn)
+    idle_server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    try:
+        time.sleep(0.2)  # both interpreters started
+        before = cpu.snapshot(idle_server.pid)
+        time.sleep(1.0)
+        after = cpu.snapshot(idle_server.pid)
+    finally:
+        neighbour.wait()
+        idle_server.wait()
+    assert cpu.other_work(before, after) > 0.5, "a neighbour burning a core went unseen"
 
 
 def test_lone_request_alternates_blocks_and_says_where_the_time_goes(tmp_path: Path) -> None:
