@@ -15,6 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 ROLES = ("inference", "decode", "event loop", "other")
 
@@ -45,7 +47,7 @@ class Snapshot:
     machine_idle: int
     machine_total: int
     load_generator: float = 0.0  # whole-process CPU s of the load generator, if one is watched
-    process_s: float = 0.0  # the watched process's CPU s, threads that have ended included
+    process_s: float = 0.0  # CPU s of the watched process and its descendants, the ended ones waited for included
     benchmark_s: float = 0.0  # this process's CPU s and its waited-for children's (a Locust run that has ended)
 
 
@@ -61,14 +63,27 @@ def snapshot(pid: int, load_pid: int | None = None) -> Snapshot:
     if load_pid is not None:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it has exited
             load = _cpu_s(Path(f"/proc/{load_pid}/stat").read_text())
-    process = 0.0
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        process = _cpu_s(Path(f"/proc/{pid}/stat").read_text())
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     benchmark = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     idle, total = _machine()
-    return Snapshot(time.perf_counter(), dict(by_role), idle, total, load, process, benchmark)
+    return Snapshot(time.perf_counter(), dict(by_role), idle, total, load, _tree_s(pid), benchmark)
+
+
+def _tree_s(pid: int) -> float:
+    """CPU s of a process tree: a server may run its work in child processes (Triton's under pytriton, uvicorn's
+    workers). A child that ended and was waited for counts in its parent's children_* times."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    spent = 0.0
+    for process in tree:
+        with contextlib.suppress(psutil.Error):  # it ended meanwhile
+            t = process.cpu_times()
+            spent += t.user + t.system + t.children_user + t.children_system
+    return spent
 
 
 def per_item_ms(before: Snapshot, after: Snapshot, items: int) -> dict[str, float]:
@@ -90,11 +105,12 @@ def machine_idle(before: Snapshot, after: Snapshot) -> float:
 
 
 def other_work(before: Snapshot, after: Snapshot) -> float:
-    """Cores' worth of CPU that neither the watched process nor the benchmark (itself and the children it has
-    waited for: a Locust run that ended between the snapshots) used: other work on a shared machine, and a
+    """Cores' worth of CPU that neither the watched process tree nor the benchmark (itself and the children it
+    has waited for: a Locust run that ended between the snapshots) used: other work on a shared machine, and a
     virtual machine's steal time. Unlike the load average it does not count the benchmark's own load, and it
-    does not lag into the next point."""
+    does not lag into the next point. Signed: tick sampling of the machine's time against the processes' exact
+    times can leave a quiet point a hundredth of a core below zero."""
     wall = after.at - before.at
     busy = (after.machine_total - after.machine_idle) - (before.machine_total - before.machine_idle)
     ours = (after.process_s - before.process_s) + (after.benchmark_s - before.benchmark_s)
-    return round(max(0.0, (busy / _TICKS - ours) / wall), 3) if wall > 0 else 0.0
+    return round((busy / _TICKS - ours) / wall, 3) if wall > 0 else 0.0

@@ -328,6 +328,10 @@ def _f(value: Any, digits: int = 2) -> str:
 BUSY_CORES = 0.25  # other work beyond this, on a median point, is enough to move a ratio by several percent
 
 
+def _at_least_0(value: float | None) -> float | None:
+    return None if value is None else max(0.0, value)  # the JSON keeps the signed reading (cpu.other_work)
+
+
 def _busy_machine_warning(result: dict[str, Any]) -> list[str]:
     others = [p["other_work_cores"] for p in result["points"] if p.get("other_work_cores") is not None]
     if not others or statistics.median(others) <= BUSY_CORES:
@@ -392,7 +396,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
                 f"| {r['users']} | {r['system']} | {_f(r['answered_per_s'])} | {_f(r['p50_ms'], 0)} | "
                 f"{_f(r['p90_ms'], 0)} | {_f(r['p99_ms'], 0)} | {_f(r['p99_over_p50'])} | {r['requests']} | "
                 f"{e['503 with Retry-After']} | {e['other 5xx']} | {e['no answer']} | {e['other']} | "
-                f"{_f(r['peak_rss_mb'], 1)} | {_f(r['cold_start_s'], 3)} | {_f(r['other_work_cores'])} |"
+                f"{_f(r['peak_rss_mb'], 1)} | {_f(r['cold_start_s'], 3)} | {_f(_at_least_0(r['other_work_cores']))} |"
             )
     lines += [
         "",
