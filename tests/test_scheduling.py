@@ -210,25 +210,29 @@ def test_a_request_whose_client_left_never_reaches_the_engine(slow_artifact: Pat
 def test_sigterm_during_load_answers_every_accepted_request(slow_artifact: Path, tmp_path: Path) -> None:
     env = {"WORKERS": "1", "THREADS": "1", "MAX_QUEUE": "64"}
     server = start_service(slow_artifact, tmp_path / "server.log", **env)
-    names = [["red", "green", "blue", "dark", "red", "green", "blue"][i % len(IMAGES)] for i in range(12)]
-    with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(_post, server, IMAGES[i % len(IMAGES)]) for i in range(12)]
-        waiting: list[float] = []
+    try:
+        names = [["red", "green", "blue", "dark", "red", "green", "blue"][i % len(IMAGES)] for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(_post, server, IMAGES[i % len(IMAGES)]) for i in range(12)]
+            waiting: list[float] = []
 
-        def all_inside() -> bool:
-            # Every request in the scheduler or answered: one still connecting (on a busy machine a client
-            # thread may not have sent yet) would find the listener closed, which is no drain's to answer.
-            text = httpx.get(f"{server.url}/metrics", timeout=30).text
-            waiting.append(metric(text, "inference_queue_depth"))
-            inside = waiting[-1] + metric(text, "inference_in_flight")
-            return inside + metric(text, "http_requests_total", route="/infer", status="200") == 12
+            def all_inside() -> bool:
+                # Every request in the scheduler or answered: one still connecting (on a busy machine a client
+                # thread may not have sent yet) would find the listener closed, which is no drain's to answer.
+                text = httpx.get(f"{server.url}/metrics", timeout=30).text
+                waiting.append(metric(text, "inference_queue_depth"))
+                inside = waiting[-1] + metric(text, "inference_in_flight")
+                return inside + metric(text, "http_requests_total", route="/infer", status="200") == 12
 
-        wait_for(all_inside, "all 12 requests inside the server")
-        assert waiting[-1] >= 3, "the drain is to find requests queued, not only one in the engine"
-        server.process.send_signal(signal.SIGTERM)
-        responses = [f.result() for f in futures]
-    assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses if r.status_code != 200]
-    assert [r.json()["class"] for r in responses] == names
-    assert all(len(r.json()["top_k"]) == 4 for r in responses)
-    assert server.process.wait(timeout=30) == 0, server.output()
-    assert "Traceback" not in server.output()
+            wait_for(all_inside, "all 12 requests inside the server")
+            assert waiting[-1] >= 3, "the drain is to find requests queued, not only one in the engine"
+            server.process.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses if r.status_code != 200]
+        assert [r.json()["class"] for r in responses] == names
+        assert all(len(r.json()["top_k"]) == 4 for r in responses)
+        assert server.process.wait(timeout=30) == 0, server.output()
+        assert "Traceback" not in server.output()
+    finally:  # a failure above must not leave the server to a later test's garbage collection
+        server.process.kill()
+        server.process.wait()
