@@ -8,7 +8,8 @@ starts with "status NNN:" (0: no HTTP answer), and a 503 that carries Retry-Afte
 documented) says so next: "status 503: [Retry-After 1] ...". BENCH_IMAGE_SET names the image set
 (benchmarks/payloads.py SETS; default "large"). With --csv PREFIX, the failures are also written to
 PREFIX_failures.json when Locust quits: its _failures.csv is rewritten only once a second, so it can miss the
-last second's failures.
+last second's failures. Each request's own time goes to PREFIX_times.json (milliseconds, failures included):
+Locust's percentiles are whole milliseconds below 100 ms, too coarse to compare two servers at one client.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ BODIES = [encode_multipart_formdata({"image": ("car.jpg", data, "image/jpeg")}) 
 
 
 _ENVIRONMENT: list[Environment] = []
+_TIMES_MS: list[float] = []
 
 
 @events.init.add_listener
 def _remember(environment: Environment, **kwargs: object) -> None:
     _ENVIRONMENT.append(environment)
+
+
+@events.request.add_listener
+def _time(response_time: float, **kwargs: object) -> None:
+    _TIMES_MS.append(response_time)
 
 
 @events.quit.add_listener
@@ -53,6 +60,8 @@ def _write_failures(**kwargs: object) -> None:
         message = str(args[0]) if args else str(error.error)
         failures[message] = failures.get(message, 0) + error.occurrences
     Path(f"{environment.parsed_options.csv_prefix}_failures.json").write_text(json.dumps(failures))
+    times = [round(t, 3) for t in _TIMES_MS]
+    Path(f"{environment.parsed_options.csv_prefix}_times.json").write_text(json.dumps(times))
 
 
 def failed_status(response: Any) -> bool:

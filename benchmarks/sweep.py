@@ -356,7 +356,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"warm-up at that concurrency, then {result['duration_s']} s of headless Locust (FastHttpUser, closed loop, "
         f"no think time) on the same cores; {result['rounds']} round(s); the two systems alternate order at each "
         f"(set, level). Image sets ({payloads.COUNT} distinct JPEGs each, multipart `image`): {sets}. Latencies are "
-        "Locust's (rounded to 2 significant digits above 100 ms) and include failed requests. Other work: cores' "
+        "each request's own time (benchmarks/locustfile.py records them; nearest-rank percentiles, not Locust's whole "
+        "milliseconds) and include failed requests. Other work: cores' "
         "worth of CPU used during the point by anything but the server and Locust (other processes, a virtual "
         f"machine's steal time), of the {m['cores_available']}; the JSON keeps the 1-minute load average too, "
         "which counts the point's own load and lags into the next one.",
@@ -393,8 +394,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
                 continue
             e = r["errors_by_kind"]
             lines.append(
-                f"| {r['users']} | {r['system']} | {_f(r['answered_per_s'])} | {_f(r['p50_ms'], 0)} | "
-                f"{_f(r['p90_ms'], 0)} | {_f(r['p99_ms'], 0)} | {_f(r['p99_over_p50'])} | {r['requests']} | "
+                f"| {r['users']} | {r['system']} | {_f(r['answered_per_s'])} | {_f(r['p50_ms'], 1)} | "
+                f"{_f(r['p90_ms'], 1)} | {_f(r['p99_ms'], 1)} | {_f(r['p99_over_p50'])} | {r['requests']} | "
                 f"{e['503 with Retry-After']} | {e['other 5xx']} | {e['no answer']} | {e['other']} | "
                 f"{_f(r['peak_rss_mb'], 1)} | {_f(r['cold_start_s'], 3)} | {_f(_at_least_0(r['other_work_cores']))} |"
             )

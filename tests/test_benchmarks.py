@@ -263,6 +263,8 @@ def test_sweep_quick_writes_every_point_both_sets_and_the_plot(tmp_path: Path) -
         assert ratio["system"] == "service" and ratio["answered_per_s / naive"] > 0 and ratio["p50_ms / naive"] > 0
     assert {c["system"]: c["launches"] for c in data["cold_start"]} == {"service": 4, "naive": 4}
     assert any(c["check"].startswith("1 client, p50") for c in data["checks"])
+    # Each request's own time (the locustfile's PREFIX_times.json), not Locust's whole milliseconds.
+    assert any(p["p50_ms"] != int(p["p50_ms"]) for p in data["points"]), data["points"]
     table = (tmp_path / "sweep-quick.md").read_text()
     assert "Ours / naive" in table and "Image set **small**" in table and "Image set **large**" in table
     assert (tmp_path / "sweep-quick.png").read_bytes().startswith(b"\x89PNG")
@@ -323,6 +325,17 @@ def test_other_work_sees_a_neighbour() -> None:
             process.wait()
     # A busier machine only reads more: the neighbour alone is one core.
     assert cpu.other_work(before, after) > 0.5, "a neighbour burning a core went unseen"
+
+
+def test_latency_percentiles_come_from_every_request_time(tmp_path: Path) -> None:
+    from benchmarks.run import response_time_percentiles
+
+    prefix = tmp_path / "point"
+    assert response_time_percentiles(prefix) == {}  # another locustfile: Locust's own percentiles then
+    (tmp_path / "point_times.json").write_text(json.dumps([float(t) for t in range(100, 0, -1)]))
+    assert response_time_percentiles(prefix) == {50: 50.0, 90: 90.0, 95: 95.0, 99: 99.0}
+    (tmp_path / "point_times.json").write_text(json.dumps([14.21, 13.87, 14.02]))
+    assert response_time_percentiles(prefix)[50] == 14.02
 
 
 def test_lone_request_alternates_blocks_and_says_where_the_time_goes(tmp_path: Path) -> None:
