@@ -20,6 +20,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Convert a trained Keras image classifier to ONNX, quantize it, check it against Keras, "
         "and write a self-describing artifact (model.onnx, labels.txt, manifest.json) that the service serves.",
     )
+    # --help lists the flags in the order they are added.
+    _model_arguments(p)
+    _image_arguments(p)
+    _variant_arguments(p)
+    _gate_arguments(p)
+    _preprocessing_arguments(p)
+    _output_arguments(p)
+    return p.parse_args(argv)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model, which class names, where the artifact goes."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--keras-model", type=Path, metavar="PATH", help=".keras (Keras 3), .h5 (Keras 2) or SavedModel"
@@ -37,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the 196 Stanford Cars names from tensorflow-datasets)",
     )
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder (default: artifacts/)")
+
+
+def _image_arguments(p: argparse.ArgumentParser) -> None:
+    """The images that calibrate int8 ranges, judge parity and re-estimate the reference's BatchNorm."""
     p.add_argument("--calibration-dir", type=Path, help="images for static int8 calibration (default: synthetic)")
     p.add_argument(
         "--validation-dir",
@@ -47,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-count", type=int, default=64, help="at most this many calibration images")
     p.add_argument("--validation-count", type=int, default=32, help="at most this many validation images")
     p.add_argument("--bn-batches", type=int, default=40, help="reference only: BatchNorm re-estimation batches")
+
+
+def _variant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variants",
         nargs="+",
@@ -60,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=VARIANTS + EXPERIMENTS,
         help="ship this variant (it must still pass the gate): the same as --variants with one name",
     )
+
+
+def _gate_arguments(p: argparse.ArgumentParser) -> None:
+    """The parity gate's thresholds, defaulting to export.parity.Thresholds."""
     d = Thresholds()
     p.add_argument(
         "--fp32-max-abs-diff",
@@ -79,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d.min_cosine,
         help=f"gate: INT8 mean cosine of probabilities (logits if untrained) (default {d.min_cosine})",
     )
+
+
+def _preprocessing_arguments(p: argparse.ArgumentParser) -> None:
+    """What the manifest tells the service to do to an image before the model sees it."""
     p.add_argument(
         "--resize",
         choices=RESIZE_FILTERS,
@@ -94,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("LOW", "HIGH"),
         help="pixel values 0..255 map onto this range (default 0 255: Keras EfficientNetV2 rescales inside)",
     )
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-variants",
         type=Path,
@@ -103,7 +133,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", help="model name recorded in the manifest")
     p.add_argument("--seed", type=int, default=0, help="seed for the reference weights and synthetic images")
     p.add_argument("--report-json", type=Path, help="also write the export report (the manifest's `export`) here")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

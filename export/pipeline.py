@@ -129,141 +129,237 @@ def _print_report(variants: list[dict[str, Any]], selected: str | None) -> None:
 
 
 def run_export(config: ExportConfig) -> Manifest:
+    """Export `config`'s model: the fastest variant that passes the gate, written to `config.out`.
+
+    Raises ExportFailed (with the report) when no variant passes, ValueError or FileNotFoundError on bad input.
+    """
+    wanted = _wanted_variants(config)
+    source = _load_source(config)
+    names = _class_names(config, source)
+    spec = _preprocessing(config, source.model)
+    sets = _image_sets(config)
+    calibration = _arrays(sets.calibration, spec)
+    validation = _arrays(sets.validation, spec)
+    bn_batches = _reestimate_batchnorm(config, source, spec)
+
+    expected = _keras_predict(source.model, validation)
+    proto = to_onnx(source.model)
+    output = OutputSpec(name=proto.graph.output[0].name, kind=output_kind(proto))
+
+    with tempfile.TemporaryDirectory(prefix="export-") as work:
+        built = _build_variants(proto, calibration, Path(work), wanted)
+        reports = _parity_reports(built, expected, validation, config.thresholds, source.trained)
+        _add_timings(reports, built, validation)
+        selected = _select(reports)
+        _print_report(reports, selected)
+        report = (
+            _selection_report(config, wanted, reports, selected, source.trained)
+            | _data_report(sets, bn_batches, spec)
+            | {"tools": _tool_versions()}
+        )
+        if selected is None:
+            raise ExportFailed("no variant passed the parity gate; nothing was written", report)
+        manifest = _manifest(config, source, spec, output, len(names), report)
+        written = _write(config, built, names, manifest)
+    log.info("wrote %s (%s, %.1f MB)", config.out, selected, written.model.bytes / 1e6)
+    return written
+
+
+def _wanted_variants(config: ExportConfig) -> tuple[str, ...]:
+    """The requested variants in their canonical order, after checking the configuration names one source."""
     if config.reference == (config.keras_model is not None):
         raise ValueError("give exactly one of --keras-model PATH or --reference")
     known = quantize.VARIANTS + quantize.EXPERIMENTS
     unknown = set(config.variants) - set(known)
     if unknown or not config.variants:
         raise ValueError(f"variants must be some of {', '.join(known)}, got {config.variants}")
-    wanted = tuple(v for v in known if v in config.variants)
-    source = sources.build_reference(config.seed) if config.reference else sources.load_keras_model(config.keras_model)  # type: ignore[arg-type]
+    return tuple(v for v in known if v in config.variants)
+
+
+def _load_source(config: ExportConfig) -> sources.Source:
+    if config.keras_model is None:
+        return sources.build_reference(config.seed)
+    return sources.load_keras_model(config.keras_model)
+
+
+def _class_names(config: ExportConfig, source: sources.Source) -> list[str]:
     names = labels.read_names(config.labels) if config.labels else labels.stanford_cars_names()
     classes = int(source.model.outputs[0].shape[-1])
     if classes != len(names):
         raise ValueError(f"the model has {classes} outputs but there are {len(names)} class names")
+    return names
 
-    height, width, _ = keras_input_shape(source.model)
-    spec = Preprocessing(
+
+def _preprocessing(config: ExportConfig, model: Any) -> Preprocessing:
+    height, width, _ = keras_input_shape(model)
+    return Preprocessing(
         height=height,
         width=width,
         resize=config.resize,
         value_range=config.value_range,
         jpeg_draft=config.jpeg_draft,
     )
-    calibration_blobs, calibration_from = _image_set(config.calibration_dir, config.calibration_count, config.seed + 1)
+
+
+@dataclass
+class ImageSets:
+    """The calibration and validation images as files, where they came from, and what a user must know."""
+
+    calibration: list[bytes]
+    calibration_from: str
+    validation: list[bytes]
+    validation_from: str
+    overlap: int
+    warnings: list[str]
+
+
+def _image_sets(config: ExportConfig) -> ImageSets:
+    calibration, calibration_from = _image_set(config.calibration_dir, config.calibration_count, config.seed + 1)
     if config.calibration_dir is None:
         log.warning("calibrating on synthetic images: real images of the target domain calibrate better")
     if config.validation_dir is None and config.calibration_dir is not None:
         # One folder for both: validate on the images after the calibration ones, so that parity is judged
         # on images the ranges were not fitted to; a folder too small for that overlaps, and says so.
         every = images.folder_images(config.calibration_dir)
-        held_out = every[len(calibration_blobs) :][: config.validation_count]
-        validation_blobs = held_out or every[: config.validation_count]
+        held_out = every[len(calibration) :][: config.validation_count]
+        validation = held_out or every[: config.validation_count]
         validation_from = f"{config.calibration_dir} ({'held out' if held_out else 'the calibration images'})"
     else:
-        validation_blobs, validation_from = _image_set(config.validation_dir, config.validation_count, config.seed + 2)
-    sets, warnings = image_set_report(calibration_blobs, validation_blobs)
+        validation, validation_from = _image_set(config.validation_dir, config.validation_count, config.seed + 2)
+    counts, warnings = image_set_report(calibration, validation)
     for warning in warnings:
         log.warning("%s", warning)
-    calibration = _arrays(calibration_blobs, spec)
-    validation = _arrays(validation_blobs, spec)
+    return ImageSets(calibration, calibration_from, validation, validation_from, counts["overlap"], warnings)
 
-    bn_batches = 0
-    if not source.trained:
-        bn_images = _arrays(images.synthetic_jpegs(config.bn_batches * config.bn_batch_size, config.seed + 3), spec)
-        bn_batches = sources.reestimate_batchnorm(source.model, images.batches(bn_images, config.bn_batch_size))
 
-    expected = _keras_predict(source.model, validation)
-    proto = to_onnx(source.model)
-    kind = output_kind(proto)
+def _reestimate_batchnorm(config: ExportConfig, source: sources.Source, spec: Preprocessing) -> int:
+    """Batches of BatchNorm re-estimation an untrained model needs before it can be calibrated (0 if trained)."""
+    if source.trained:
+        return 0
+    bn_images = _arrays(images.synthetic_jpegs(config.bn_batches * config.bn_batch_size, config.seed + 3), spec)
+    return sources.reestimate_batchnorm(source.model, images.batches(bn_images, config.bn_batch_size))
 
-    with tempfile.TemporaryDirectory(prefix="export-") as work:
-        workdir = Path(work)
-        fp32_path = workdir / "fp32.onnx"
-        onnx.save(proto, str(fp32_path))
-        built = quantize.make_variants(fp32_path, calibration, workdir, wanted)
 
-        reports: list[dict[str, Any]] = []
-        for variant in built:
-            log.info("checking %s against Keras on %d images...", variant.name, len(validation))
-            got = parity.onnx_predict(variant.path, validation)
-            result = parity.compare(expected, got)
-            problems = parity.failures(variant.name, result, config.thresholds, source.trained)
-            if not _takes_float(variant.path):
-                # The manifest schema (service/manifest.py) only describes float32 inputs so far.
-                problems.append("uint8 input: measured only, the service feeds float32")
-            reports.append(
-                {
-                    "name": variant.name,
-                    "quantization": quantize.QUANTIZATION_NAMES[variant.name],
-                    "bytes": variant.path.stat().st_size,
-                    "parity": parity.as_dict(result),
-                    "passed": not problems,
-                    "failures": problems,
-                }
-            )
-        log.info("timing %s in turns...", ", ".join(v.name for v in built))
-        latencies = parity.latencies_ms({v.name: v.path for v in built}, validation)
-        for r in reports:
-            r["latency_ms"] = round(latencies[r["name"]].latency_ms, 2)
-            r["cpu_ms"] = round(latencies[r["name"]].cpu_ms, 2)
-        passing = [r for r in reports if r["passed"]]
-        selected = min(passing, key=lambda r: r["cpu_ms"]) if passing else None
-        _print_report(reports, selected["name"] if selected else None)
+def _build_variants(
+    proto: onnx.ModelProto, calibration: np.ndarray, workdir: Path, wanted: tuple[str, ...]
+) -> list[quantize.Variant]:
+    fp32_path = workdir / "fp32.onnx"
+    onnx.save(proto, str(fp32_path))
+    return quantize.make_variants(fp32_path, calibration, workdir, wanted)
 
-        report: dict[str, Any] = {
-            "opset": OPSET,
-            "variants": reports,
-            "selected": selected["name"] if selected else None,
-            "selection_rule": SELECTION_RULE + f", among {', '.join(wanted)}",
-            "thresholds": vars(config.thresholds) | {},
-            "parity_judged_by": "top-1 agreement and probability cosine"
-            if source.trained
-            else "logit cosine (untrained: near-uniform outputs make top-1 meaningless)",
-            "calibration": {"images": len(calibration), "from": calibration_from, "method": "MinMax"},
-            "validation": {
-                "images": len(validation),
-                "from": validation_from,
-                "overlapping_calibration": sets["overlap"],
-            },
-            "warnings": warnings,
-            "batchnorm_reestimated_batches": bn_batches,
-            "preprocessing_vs_tensorflow": parity.preprocessing_vs_tensorflow(validation_blobs[:8], height, width),
-            "tools": _tool_versions(),
-        }
-        if selected is None:
-            raise ExportFailed("no variant passed the parity gate; nothing was written", report)
 
-        manifest = Manifest(
-            name=config.name
-            or ("efficientnetv2-b3-stanford-cars-reference" if not source.trained else "car-classifier"),
-            description=(
-                "UNTRAINED reference model: the real EfficientNetV2-B3 architecture (300x300, 196 Stanford Cars "
-                "classes) with seeded random weights; its predictions are meaningless."
-                if not source.trained
-                else f"Exported from {Path(source.path).name}."
-            ),
-            trained=source.trained,
-            created_at=datetime.now(UTC).replace(microsecond=0).isoformat(),
-            model=placeholder_model_file(quantize.QUANTIZATION_NAMES[selected["name"]], OPSET),
-            input=TensorSpec(name=INPUT_NAME, shape=(None, height, width, 3), layout="NHWC", dtype="float32"),
-            output=OutputSpec(name=proto.graph.output[0].name, kind=kind),
-            preprocessing=spec,
-            labels=Labels(file="", count=len(names), sha256=""),
-            source={"path": source.path, "sha256": source.sha256, "loader": source.loader},
-            export=report,
+def _parity_reports(
+    built: list[quantize.Variant],
+    expected: np.ndarray,
+    validation: np.ndarray,
+    thresholds: parity.Thresholds,
+    trained: bool,
+) -> list[dict[str, Any]]:
+    """Each variant's size, parity with Keras on the validation images, and the gate's verdict."""
+    reports: list[dict[str, Any]] = []
+    for variant in built:
+        log.info("checking %s against Keras on %d images...", variant.name, len(validation))
+        got = parity.onnx_predict(variant.path, validation)
+        result = parity.compare(expected, got)
+        problems = parity.failures(variant.name, result, thresholds, trained)
+        if not _takes_float(variant.path):
+            # The manifest schema (service/manifest.py) only describes float32 inputs so far.
+            problems.append("uint8 input: measured only, the service feeds float32")
+        reports.append(
+            {
+                "name": variant.name,
+                "quantization": quantize.QUANTIZATION_NAMES[variant.name],
+                "bytes": variant.path.stat().st_size,
+                "parity": parity.as_dict(result),
+                "passed": not problems,
+                "failures": problems,
+            }
         )
-        by_name = {v.name: v for v in built}
-        if config.keep_variants is not None:
-            for r in (r for r in reports if _takes_float(by_name[r["name"]].path)):
-                variant_manifest = _for_variant(manifest, r)
-                write_artifact(config.keep_variants / r["name"], by_name[r["name"]].path, names, variant_manifest)
-            log.info("all variants written under %s", config.keep_variants)
-        written = write_artifact(config.out, by_name[selected["name"]].path, names, manifest)
-        # The service's session builds about twice as fast from the pre-optimized graph (export/optimize.py).
-        written = optimize_artifact(config.out)
-    log.info("wrote %s (%s, %.1f MB)", config.out, selected["name"], written.model.bytes / 1e6)
-    return written
+    return reports
+
+
+def _add_timings(reports: list[dict[str, Any]], built: list[quantize.Variant], validation: np.ndarray) -> None:
+    log.info("timing %s in turns...", ", ".join(v.name for v in built))
+    latencies = parity.latencies_ms({v.name: v.path for v in built}, validation)
+    for r in reports:
+        r["latency_ms"] = round(latencies[r["name"]].latency_ms, 2)
+        r["cpu_ms"] = round(latencies[r["name"]].cpu_ms, 2)
+
+
+def _select(reports: list[dict[str, Any]]) -> str | None:
+    """The name of the variant that ships (SELECTION_RULE), or None when none passed the gate."""
+    passing = [r for r in reports if r["passed"]]
+    return str(min(passing, key=lambda r: r["cpu_ms"])["name"]) if passing else None
+
+
+def _selection_report(
+    config: ExportConfig, wanted: tuple[str, ...], reports: list[dict[str, Any]], selected: str | None, trained: bool
+) -> dict[str, Any]:
+    return {
+        "opset": OPSET,
+        "variants": reports,
+        "selected": selected,
+        "selection_rule": SELECTION_RULE + f", among {', '.join(wanted)}",
+        "thresholds": vars(config.thresholds) | {},
+        "parity_judged_by": "top-1 agreement and probability cosine"
+        if trained
+        else "logit cosine (untrained: near-uniform outputs make top-1 meaningless)",
+    }
+
+
+def _data_report(sets: ImageSets, bn_batches: int, spec: Preprocessing) -> dict[str, Any]:
+    return {
+        "calibration": {"images": len(sets.calibration), "from": sets.calibration_from, "method": "MinMax"},
+        "validation": {
+            "images": len(sets.validation),
+            "from": sets.validation_from,
+            "overlapping_calibration": sets.overlap,
+        },
+        "warnings": sets.warnings,
+        "batchnorm_reestimated_batches": bn_batches,
+        "preprocessing_vs_tensorflow": parity.preprocessing_vs_tensorflow(sets.validation[:8], spec.height, spec.width),
+    }
+
+
+def _manifest(
+    config: ExportConfig,
+    source: sources.Source,
+    spec: Preprocessing,
+    output: OutputSpec,
+    classes: int,
+    report: dict[str, Any],
+) -> Manifest:
+    """The shipped variant's manifest; write_artifact fills in the file hashes and sizes."""
+    return Manifest(
+        name=config.name or ("efficientnetv2-b3-stanford-cars-reference" if not source.trained else "car-classifier"),
+        description=(
+            "UNTRAINED reference model: the real EfficientNetV2-B3 architecture (300x300, 196 Stanford Cars "
+            "classes) with seeded random weights; its predictions are meaningless."
+            if not source.trained
+            else f"Exported from {Path(source.path).name}."
+        ),
+        trained=source.trained,
+        created_at=datetime.now(UTC).replace(microsecond=0).isoformat(),
+        model=placeholder_model_file(quantize.QUANTIZATION_NAMES[report["selected"]], OPSET),
+        input=TensorSpec(name=INPUT_NAME, shape=(None, spec.height, spec.width, 3), layout="NHWC", dtype="float32"),
+        output=output,
+        preprocessing=spec,
+        labels=Labels(file="", count=classes, sha256=""),
+        source={"path": source.path, "sha256": source.sha256, "loader": source.loader},
+        export=report,
+    )
+
+
+def _write(config: ExportConfig, built: list[quantize.Variant], names: list[str], manifest: Manifest) -> Manifest:
+    """Write the shipped variant to `config.out` (and every float-input variant under --keep-variants)."""
+    paths = {v.name: v.path for v in built}
+    if config.keep_variants is not None:
+        for r in (r for r in manifest.export["variants"] if _takes_float(paths[r["name"]])):
+            write_artifact(config.keep_variants / r["name"], paths[r["name"]], names, _for_variant(manifest, r))
+        log.info("all variants written under %s", config.keep_variants)
+    write_artifact(config.out, paths[manifest.export["selected"]], names, manifest)
+    # The service's session builds about twice as fast from the pre-optimized graph (export/optimize.py).
+    return optimize_artifact(config.out)
 
 
 def _takes_float(path: Path) -> bool:
