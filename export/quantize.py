@@ -26,7 +26,8 @@ log = logging.getLogger("export")
 
 # The candidates by default; the fastest that passes the gate ships.
 VARIANTS = ("fp32", "dynamic", "static", "static_u8", "mixed", "mixed_stem_swish")
-# Alternatives measured against them (docs/export.md): built only when named with --variants.
+# Alternatives measured against them (none ran faster than the best candidate on the reference model): built only
+# when named with --variants.
 EXPERIMENTS = (
     "tiled",
     "mixed_uint8_input",
@@ -130,8 +131,8 @@ def tile_input_constants(model: onnx.ModelProto, nodes: list[str]) -> int:
     """Repeat the per-channel constants of `nodes` (the float input rescaling) along the width.
 
     onnxruntime broadcasts a [1, 1, 1, C] constant over an NHWC image in runs of C = 3 elements, which costs
-    ~7 ns an element: the rescaling's Add and Mul took 2.1 + 1.7 ms of a 71 ms int8 run (benchmarks/op_profile,
-    AMD EPYC, one thread). Tiled to [1, 1, W, C] the runs are W x C long: 0.12 ms instead of 1.6 ms for the Add
+    ~7 ns an element: the rescaling's Add and Mul took 2.1 + 1.7 ms of a 71 ms int8 run (AMD EPYC, one
+    thread). Tiled to [1, 1, W, C] the runs are W x C long: 0.12 ms instead of 1.6 ms for the Add
     alone in isolation. Each element still sees the same constant, so the result is bit-identical.
     Returns how many constants were tiled.
     """
@@ -173,7 +174,7 @@ def image_convs(graph: onnx.GraphProto, max_channels: int = 4) -> list[str]:
 
     With a reduction depth of 3 x 3 x 3 = 27, an int8 convolution cannot fill its vector lanes: the
     EfficientNetV2-B3 stem ran 4x slower as QLinearConv than as onnxruntime's float NCHWc Conv (AMD EPYC,
-    AVX2, benchmarks/op_profile), while every deeper convolution ran faster in int8.
+    AVX2), while every deeper convolution ran faster in int8.
     """
     weights = {t.name: t for t in graph.initializer}
     names = []
@@ -234,7 +235,7 @@ RECIPES = {
     "mixed_stem_swish": Recipe(tile_input=True, float_stem=True, float_stem_swish=True),
     "tiled": Recipe(tile_input=True),
     "mixed_uint8_input": Recipe(tile_input=True, float_stem=True, uint8_pixels=True),
-    # Measured alternatives (docs/export.md has the figures); not candidates unless asked for by name.
+    # The measured alternatives: not candidates unless asked for by name.
     "static_qop": Recipe(quant_format=QuantFormat.QOperator),
     "static_dedicated": Recipe(extra_options={"DedicatedQDQPair": True}),
     "static_no_input_check": Recipe(extra_options={"ForceQuantizeNoInputCheck": True}),
