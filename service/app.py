@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -12,23 +12,48 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from service import docs_page, endpoints, oip, openapi
-from service.errors import EXCEPTION_HANDLERS
+from service.admission import Admission
+from service.errors import exception_handlers
 from service.inference import DataPlane
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import ApiKey, ClientGuard, Cors
 from service.model import Classifier
 from service.repository import Repository
-from service.scheduler import Admission, Scheduler
+from service.scheduler import Scheduler
 from service.settings import Settings
 
 log = logging.getLogger("service")
+
+# Open without an API key: probes, and what a person or a client needs to find out how to call the service.
+# The OIP server metadata (/v2) says no more than GET / does; its model routes and the repository need the key.
+PUBLIC_PATHS = frozenset(
+    {"/", "/ping", "/ready", "/docs", "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready"}
+)
 
 
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> Starlette:
     """Build the app. `classifier` lets a caller that already loaded and verified the artifact hand it over."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
+    # Room for everything the engine holds plus the queue: past that a request is refused before its body.
+    admission = Admission(settings.max_queue + settings.workers * settings.max_batch)
+    plane = DataPlane(settings, admission, metrics)
+    app = Starlette(
+        routes=_routes(metrics),
+        exception_handlers=exception_handlers({oip.PREFIX: oip.error_response}),
+        middleware=_middleware(settings, metrics),
+        lifespan=_lifespan(settings, metrics, plane, classifier),
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.admission = admission
+    app.state.data_plane = plane
+    return app
 
+
+def _lifespan(
+    settings: Settings, metrics: Metrics, plane: DataPlane, classifier: Classifier | None
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loaded = classifier
@@ -46,37 +71,43 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         )
         scheduler.start()
         metrics.describe_model(loaded.manifest)
-        plane = DataPlane(settings, loaded, scheduler, app.state.admission, metrics)
         repository = Repository(settings, plane, metrics)
-        app.state.data_plane = plane
         app.state.repository = repository
-        app.state.ready = True
+        plane.start(loaded, scheduler)
         # The wide session is built after the service is ready, off the path to the first answer; until it
         # is there, every run is narrow.
         metrics.session_threads.labels("narrow").set(settings.intra_op_threads)
         repository.widen(loaded)
         repository.listen_for_sighup()
-        manifest = loaded.manifest
-        log.info(
-            "serving %s (%s, sha256 %s..., %s): %d workers x %d threads, a run alone on %d, max batch %d, queue %d",
-            manifest.name,
-            manifest.model.quantization,
-            manifest.model.sha256[:12],
-            "trained" if manifest.trained else "UNTRAINED reference model",
-            settings.workers,
-            settings.intra_op_threads,
-            settings.wide_threads or settings.intra_op_threads,
-            settings.max_batch,
-            settings.max_queue,
-        )
+        _log_serving(settings, loaded)
         try:
             yield
         finally:
-            app.state.ready = False
+            plane.ready = False
             await scheduler.close()
             await repository.close()
 
-    routes = [
+    return lifespan
+
+
+def _log_serving(settings: Settings, model: Classifier) -> None:
+    manifest = model.manifest
+    log.info(
+        "serving %s (%s, sha256 %s..., %s): %d workers x %d threads, a run alone on %d, max batch %d, queue %d",
+        manifest.name,
+        manifest.model.quantization,
+        manifest.model.sha256[:12],
+        "trained" if manifest.trained else "UNTRAINED reference model",
+        settings.workers,
+        settings.intra_op_threads,
+        settings.wide_threads or settings.intra_op_threads,
+        settings.max_batch,
+        settings.max_queue,
+    )
+
+
+def _routes(metrics: Metrics) -> list[Route]:
+    return [
         Route("/", endpoints.home, methods=["GET"]),
         Route("/ping", endpoints.ping, methods=["GET"]),
         Route("/ready", endpoints.ready, methods=["GET"]),
@@ -96,25 +127,6 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         Route("/v2/models/{name}/versions/{version}/infer", oip.infer, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", oip.load, methods=["POST"]),
     ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers=EXCEPTION_HANDLERS,
-        middleware=_middleware(settings, metrics),
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.ready = False
-    # Room for everything the engine holds plus the queue: past that a request is refused before its body.
-    app.state.admission = Admission(settings.max_queue + settings.workers * settings.max_batch)
-    return app
-
-
-# Open without an API key: probes, and what a person or a client needs to find out how to call the service.
-# The OIP server metadata (/v2) says no more than GET / does; its model routes and the repository need the key.
-PUBLIC_PATHS = frozenset(
-    {"/", "/ping", "/ready", "/docs", "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready"}
-)
 
 
 def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:

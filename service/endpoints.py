@@ -7,14 +7,13 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.errors import InvalidParameter, ServiceError, error_response
-from service.inference import DataPlane
+from service.errors import InvalidParameter, ServiceError
+from service.inference import UNTRAINED_SHORT, DataPlane
 from service.model import Classifier, Scored
 from service.payload import decimal, read_upload
 
 STATUS = "The car classification service is running!"
 MAX_TOP_K = 20
-UNTRAINED_SHORT = "untrained reference model: this class is not a real prediction"
 UNTRAINED_WARNING = (
     "This artifact is an untrained reference model (the real EfficientNetV2-B3 architecture with seeded random "
     "weights). Its predictions are meaningless; export your trained model with `python -m export`."
@@ -64,8 +63,7 @@ async def ping(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     """Ready: the model is loaded and warmed, and the server is not shutting down (`/ping` only says alive)."""
-    if not request.app.state.ready:
-        return error_response(503, "not_ready", "the model is not loaded yet, or the server is shutting down")
+    request.app.state.data_plane.check_ready()
     return JSONResponse({"ready": True})
 
 
@@ -89,7 +87,7 @@ async def infer(request: Request) -> JSONResponse:
     deadline = plane.deadline()
     # Admission counts only requests whose body is here: one still arriving (however slowly) holds no slot;
     # the client guard bounds and times those (service/middleware.py).
-    upload = await read_upload(request, plane.settings.max_upload_bytes, plane.max_images)
+    upload = await read_upload(request, plane.settings.max_upload_bytes, plane)
     answer = await plane.classify(upload.images, deadline, lambda: disconnected(request))
     results: list[dict[str, object]] = []
     for result in answer.results:

@@ -1,8 +1,13 @@
-"""One error base carrying its HTTP status, and the handlers that turn every error into the same JSON shape."""
+"""One error base carrying its HTTP status, and the handlers that render every error in its protocol's shape.
+
+The service's own routes answer `{"error": {"code", "message"}}`; a protocol with a shape of its own (the Open
+Inference Protocol's `{"error": "<message>"}`) registers a renderer for its path prefix (service/app.py).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -88,6 +93,30 @@ class ShuttingDown(ServiceError):
     status_code, code = 503, "shutting_down"
 
 
+class NotReady(ServiceError):
+    status_code, code = 503, "not_ready"
+
+
+class CorsRefused(ServiceError):
+    status_code, code = 400, "cors_refused"
+
+
+class InvalidRequest(ServiceError):
+    """A request its protocol's grammar refuses (an Open Inference Protocol request without `inputs`, ...)."""
+
+    status_code, code = 400, "invalid_request"
+
+
+class ModelNotFound(ServiceError):
+    status_code, code = 404, "model_not_found"
+
+
+class LoadFailed(ServiceError):
+    """The artifact in MODEL_DIR cannot be served; the model that was serving still is."""
+
+    status_code, code = 400, "load_failed"
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -103,9 +132,12 @@ def error_response(status_code: int, code: str, message: str, headers: dict[str,
     return ErrorJSON({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
 
 
-async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServiceError)
+def render(exc: ServiceError) -> JSONResponse:
+    """The service's own shape."""
     return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+Renderer = Callable[[ServiceError], JSONResponse]
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -119,8 +151,23 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> JSONRespo
     return error_response(500, "internal_error", "internal server error; the failure is logged on the server")
 
 
-EXCEPTION_HANDLERS = {
-    ServiceError: service_error_handler,
-    HTTPException: http_exception_handler,
-    Exception: unhandled_error_handler,
-}
+Handler = Callable[[Request, Exception], Any]
+
+
+def exception_handlers(protocols: Mapping[str, Renderer]) -> dict[Any, Handler]:
+    """Starlette's handlers: a ServiceError in the shape of the protocol whose path prefix the route has
+    (`protocols`), else the service's own; Starlette's 404/405 and unexpected failures in the service's shape."""
+
+    async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        path: str = request.scope["path"]
+        for prefix, renderer in protocols.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return renderer(exc)
+        return render(exc)
+
+    return {
+        ServiceError: service_error_handler,
+        HTTPException: http_exception_handler,
+        Exception: unhandled_error_handler,
+    }

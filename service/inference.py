@@ -1,9 +1,10 @@
-"""The data plane: the one place where images become answers, whichever protocol brought them.
+"""The data plane: what every protocol does, whichever brought the request.
 
 Every protocol's endpoints (service/endpoints.py, service/oip.py) only translate their request into a call
-here and the answer back. Here: the model a request is served by (pinned when its images are in, so a hot
-swap never changes it halfway), admission, decoding in the decode pool (just ahead of the engine),
-the deadline, the scheduler, and the client leaving.
+here and the answer back. Here: readiness, finding the model a request names and its metadata, the most images
+one request may carry, the deadline, and inference: the model a request is served by (pinned when its images
+are in, so a hot swap never changes it halfway), admission, decoding (just ahead of the engine), the scheduler
+and the client leaving.
 """
 
 from __future__ import annotations
@@ -12,21 +13,30 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, PayloadTooLarge, ServiceError
+from service.admission import Admission
+from service.deadline import Deadline
+from service.errors import ModelNotFound, NotReady, PayloadTooLarge, ServiceError
 from service.imaging import preprocess
 from service.memory import trim_heap
 from service.metrics import Metrics
 from service.model import Classifier
-from service.payload import too_many_images
-from service.scheduler import Admission, Decode, Scheduler
+from service.scheduler import Decode, Scheduler
 from service.settings import Settings
+from service.waiter import Gone
 
-Gone = Callable[[], Awaitable[None]]
+VERSION = "1"  # one version at a time: a load replaces it
+PLATFORM = "onnxruntime_onnx"
+# The model's inputs as the service takes them: encoded images, or pixels already preprocessed (channels last).
+IMAGE_INPUT = "image"
+PIXELS_INPUT = "pixels"
+OUTPUT = "probabilities"
+UNTRAINED_SHORT = "untrained reference model: this class is not a real prediction"
+NOT_READY = "the model is not loaded yet, or the server is shutting down"
 
 
 def _free(model: Classifier) -> None:
@@ -53,37 +63,89 @@ class Answer:
 
 
 class DataPlane:
-    def __init__(
-        self,
-        settings: Settings,
-        model: Classifier,
-        scheduler: Scheduler,
-        admission: Admission,
-        metrics: Metrics,
-    ) -> None:
+    """Health, model lookup, metadata and inference for every protocol. Made with the app; serving from the
+    lifespan's `start` (model loaded and warmed) until a shutdown begins."""
+
+    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics) -> None:
         self.settings = settings
-        self.model = model
-        self._scheduler = scheduler
+        self.ready = False
+        self._model: Classifier | None = None
+        self._scheduler: Scheduler | None = None
         self._admission = admission
         self._metrics = metrics
-        self._late = f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S)"
         # Requests in progress per model (by id), and models swapped out that some of them still use.
         self._users: dict[int, int] = {}
         self._retired: dict[int, Classifier] = {}
 
+    def start(self, model: Classifier, scheduler: Scheduler) -> None:
+        self._model, self._scheduler = model, scheduler
+        self.ready = True
+
+    @property
+    def model(self) -> Classifier:
+        """The model serving now."""
+        if self._model is None:
+            raise NotReady(NOT_READY)
+        return self._model
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise NotReady(NOT_READY)
+        return self._scheduler
+
+    def check_ready(self) -> None:
+        """503 unless the model is loaded and warmed and no shutdown has begun."""
+        if not self.ready:
+            raise NotReady(NOT_READY)
+
+    def find(self, name: str, version: str | None = None) -> Classifier:
+        """The model `name` (and `version`, if given), if it is the one served; else 404."""
+        model = self.model
+        if name != model.manifest.name:
+            raise ModelNotFound(f"unknown model {name!r}: this server serves {model.manifest.name!r}")
+        if version is not None and version != VERSION:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; it serves version {VERSION}")
+        return model
+
+    def metadata(self, name: str, version: str | None = None) -> dict[str, object]:
+        """The model's name, versions, platform and tensors (the Open Inference Protocol's model metadata)."""
+        model = self.find(name, version)
+        spec = model.manifest.preprocessing
+        return {
+            "name": model.manifest.name,
+            "versions": [VERSION],
+            "platform": PLATFORM,
+            "inputs": [
+                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+                {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, spec.height, spec.width, 3]},
+            ],
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(model.labels)]}],
+        }
+
     @property
     def max_images(self) -> int:
         """Images one request may carry: MAX_IMAGES_PER_REQUEST, and never more than the queue can take at once."""
-        return min(self.settings.max_images_per_request, self._scheduler.capacity)
+        return min(self.settings.max_images_per_request, self.scheduler.capacity)
 
-    def deadline(self) -> float:
-        """When a request that arrives now must be answered (time.monotonic())."""
-        return time.monotonic() + self.settings.request_timeout_s
+    def check_count(self, count: int) -> None:
+        """413 for a request of more images than one request may carry: the one place this is decided."""
+        limit = self.settings.max_images_per_request
+        if count > limit:
+            raise PayloadTooLarge(f"{count} images in one request; the limit is {limit} (MAX_IMAGES_PER_REQUEST)")
+        if count > self.max_images:  # the queue is the smaller bound
+            raise PayloadTooLarge(
+                f"{count} images in one request; the inference queue takes {self.max_images} (MAX_QUEUE)"
+            )
+
+    def deadline(self) -> Deadline:
+        """When a request that arrives now must be answered."""
+        return Deadline.after(self.settings.request_timeout_s, "REQUEST_TIMEOUT_S")
 
     def swap(self, model: Classifier) -> Classifier:
         """Serve `model` from the next request on; requests already admitted finish on the one returned, whose
         sessions are freed when the last of them is answered (at once if none is in progress)."""
-        old, self.model = self.model, model
+        old, self._model = self.model, model
         if self._users.get(id(old)):
             self._retired[id(old)] = old
         else:
@@ -108,17 +170,9 @@ class DataPlane:
 
     async def settled(self) -> None:
         """Once an answer has gone out and the engine is idle (see Scheduler.settled)."""
-        await self._scheduler.settled()
+        await self.scheduler.settled()
 
-    def check_count(self, count: int) -> None:
-        if count > self.settings.max_images_per_request:
-            raise too_many_images(count, self.settings.max_images_per_request)
-        if count > self.max_images:  # the queue is the smaller bound
-            raise PayloadTooLarge(
-                f"{count} images in one request; the inference queue takes {self.max_images} (MAX_QUEUE)"
-            )
-
-    async def classify(self, images: Sequence[bytes | ServiceError], deadline: float, gone: Gone | None) -> Answer:
+    async def classify(self, images: Sequence[bytes | ServiceError], deadline: Deadline, gone: Gone | None) -> Answer:
         """Encoded images -> probabilities, each image decoded as the model it is served by expects."""
         self.check_count(len(images))
         encoded = {i: item for i, item in enumerate(images) if isinstance(item, bytes)}
@@ -136,7 +190,7 @@ class DataPlane:
                 results[i] = row
         return Answer(model, results)
 
-    async def classify_pixels(self, pixels: np.ndarray, deadline: float, gone: Gone | None) -> Answer:
+    async def classify_pixels(self, pixels: np.ndarray, deadline: Deadline, gone: Gone | None) -> Answer:
         """Preprocessed (N, height, width, 3) float32 pixels -> probabilities."""
         self.check_count(len(pixels))
         with self._admission.admit(len(pixels)), self._pinned() as model:
@@ -156,9 +210,8 @@ class DataPlane:
         return pixels
 
     async def _infer(
-        self, model: Classifier, pixels: Sequence[np.ndarray | Decode], deadline: float, gone: Gone | None
+        self, model: Classifier, pixels: Sequence[np.ndarray | Decode], deadline: Deadline, gone: Gone | None
     ) -> list[np.ndarray | ServiceError]:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded(self._late)
-        return await self._scheduler.infer(model, pixels, remaining, gone, self._late)
+        if deadline.remaining() <= 0:
+            raise deadline.exceeded()
+        return await self.scheduler.infer(model, pixels, deadline, gone)

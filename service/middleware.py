@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import RequestTimeout, error_response
+from service.errors import CorsRefused, Overloaded, RequestTimeout, Unauthorized, render
 from service.payload import decimal
 
 _CLOSE = (b"connection", b"close")
@@ -112,11 +112,11 @@ class ClientGuard:
             await self.app(scope, receive, send)
             return
         if self.open >= self.max_requests:
-            response = error_response(
-                503,
-                "overloaded",
-                f"{self.open} requests are open (MAX_CONNECTIONS={self.max_requests}); retry shortly",
-                headers={"Retry-After": self.retry_after, "Connection": "close"},
+            response = render(
+                Overloaded(
+                    f"{self.open} requests are open (MAX_CONNECTIONS={self.max_requests}); retry shortly",
+                    headers={"Retry-After": self.retry_after, "Connection": "close"},
+                )
             )
             await response(scope, receive, send)
             return
@@ -157,11 +157,11 @@ class ApiKey:
             await self.app(scope, receive, send)
             return
         if not self._authorized(Headers(scope=scope).get("authorization")):
-            response = error_response(
-                401,
-                "unauthorized",
-                "this route needs an API key: send `Authorization: Bearer <key>`",
-                headers={"WWW-Authenticate": 'Bearer realm="car-classifier"'},
+            response = render(
+                Unauthorized(
+                    "this route needs an API key: send `Authorization: Bearer <key>`",
+                    headers={"WWW-Authenticate": 'Bearer realm="car-classifier"'},
+                )
             )
             await response(scope, receive, send)
             return
@@ -180,4 +180,4 @@ class Cors(CORSMiddleware):
         headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
         methods = ", ".join(self.allow_methods)
         message = f"CORS preflight refused ({refused}): an origin of CORS_ORIGINS, a method of {methods}"
-        return error_response(400, "cors_refused", message, headers)
+        return render(CorsRefused(message, headers=headers))

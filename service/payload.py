@@ -18,7 +18,7 @@ import binascii
 import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -36,16 +36,27 @@ from service.errors import (
 )
 
 IMAGE_FIELDS = ("image", "file")
-# Room for multipart boundaries and part headers around an image of the maximum size.
-_FRAMING_BYTES = 64 * 1024
+# Room for multipart boundaries, part headers or a JSON document around an image of the maximum size.
+FRAMING_BYTES = 64 * 1024
+
+
+def json_body_limit(max_upload_bytes: int) -> int:
+    """The largest body that carries images of `max_upload_bytes` as base64 in JSON (four characters for every
+    three bytes)."""
+    return (max_upload_bytes * 4 + 2) // 3 + FRAMING_BYTES
+
+
+class Capacity(Protocol):
+    """How many images one request may carry (service.inference.DataPlane)."""
+
+    @property
+    def max_images(self) -> int: ...
+
+    def check_count(self, count: int) -> None: ...
 
 
 def _too_large(limit: int, limit_name: str = "MAX_UPLOAD_BYTES") -> PayloadTooLarge:
     return PayloadTooLarge(f"the upload is larger than {limit:,} bytes ({limit_name})")
-
-
-def too_many_images(count: int, limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"{count} images in one request; the limit is {limit} (MAX_IMAGES_PER_REQUEST)")
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,8 @@ def _decoded(text: str) -> bytes | ServiceError:
         return exc
 
 
-async def _from_multipart(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:
+async def _from_multipart(request: Request, body_limit: int, upload_limit: int, capacity: Capacity) -> Upload:
+    max_images = capacity.max_images
     parser = MultiPartParser(
         request.headers,
         _limited_stream(request, body_limit, upload_limit),
@@ -170,8 +182,7 @@ async def _from_multipart(request: Request, body_limit: int, upload_limit: int, 
             values = form.getlist(name)
             if not values:
                 continue
-            if len(values) > max_images:
-                raise too_many_images(len(values), max_images)
+            capacity.check_count(len(values))
             images: list[bytes | ServiceError] = [
                 await value.read() if isinstance(value, UploadFile) else _decoded(value) for value in values
             ]
@@ -186,7 +197,7 @@ async def _from_multipart(request: Request, body_limit: int, upload_limit: int, 
             file.close()
 
 
-async def _from_json(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:
+async def _from_json(request: Request, body_limit: int, upload_limit: int, capacity: Capacity) -> Upload:
     body = await _read_body(request, body_limit, upload_limit)
     try:
         document = parse_json(body)
@@ -196,8 +207,7 @@ async def _from_json(request: Request, body_limit: int, upload_limit: int, max_i
         listed = document["images"]
         if not isinstance(listed, list) or not listed:
             raise MissingImage('"images" must be a non-empty list of base64 strings')
-        if len(listed) > max_images:
-            raise too_many_images(len(listed), max_images)
+        capacity.check_count(len(listed))
         images: list[bytes | ServiceError] = [
             _decoded(item) if isinstance(item, str) else InvalidBase64(f"images[{i}] is not a base64 string")
             for i, item in enumerate(listed)
@@ -208,7 +218,7 @@ async def _from_json(request: Request, body_limit: int, upload_limit: int, max_i
     return Upload([_decoded(document["image"])], several=False)
 
 
-async def _raw(request: Request, body_limit: int, upload_limit: int, max_images: int) -> Upload:
+async def _raw(request: Request, body_limit: int, upload_limit: int, capacity: Capacity) -> Upload:
     return Upload([await _read_body(request, body_limit, upload_limit)], several=False)
 
 
@@ -222,17 +232,16 @@ def _checked(data: bytes | ServiceError, max_upload_bytes: int) -> bytes | Servi
     return data
 
 
-async def read_upload(request: Request, max_upload_bytes: int, max_images: int) -> Upload:
+async def read_upload(request: Request, max_upload_bytes: int, capacity: Capacity) -> Upload:
     """The request's images. A request of one image raises that image's error, as it always did."""
     check_identity_encoding(request)
     content_type = request.headers.get("content-type", "")
     media_type = content_type.partition(";")[0].strip().lower()
 
     if media_type == "multipart/form-data":
-        body_limit, reader = max_upload_bytes + _FRAMING_BYTES, _from_multipart
+        body_limit, reader = max_upload_bytes + FRAMING_BYTES, _from_multipart
     elif media_type == "application/json" or media_type.endswith("+json"):
-        # base64 makes four characters of every three bytes.
-        body_limit, reader = (max_upload_bytes * 4 + 2) // 3 + _FRAMING_BYTES, _from_json
+        body_limit, reader = json_body_limit(max_upload_bytes), _from_json
     elif media_type.startswith("image/") or media_type == "application/octet-stream":
         body_limit, reader = max_upload_bytes, _raw
     else:
@@ -243,16 +252,24 @@ async def read_upload(request: Request, max_upload_bytes: int, max_images: int) 
         )
 
     _check_declared_length(request, body_limit, max_upload_bytes)
-    upload = await reader(request, body_limit, max_upload_bytes, max_images)
+    upload = await reader(request, body_limit, max_upload_bytes, capacity)
     images = [_checked(data, max_upload_bytes) for data in upload.images]
     if not upload.several and isinstance(images[0], ServiceError):
         raise images[0]
     return Upload(images, upload.several)
 
 
+class _OneImage:
+    max_images = 1
+
+    def check_count(self, count: int) -> None:
+        if count > 1:
+            raise PayloadTooLarge(f"{count} images in one request; send one")
+
+
 async def read_image_bytes(request: Request, max_upload_bytes: int) -> bytes:
     """The one image of a single-image request (several images: 413)."""
-    upload = await read_upload(request, max_upload_bytes, 1)
+    upload = await read_upload(request, max_upload_bytes, _OneImage())
     (data,) = upload.images
     if isinstance(data, ServiceError):
         raise data

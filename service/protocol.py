@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.errors import MalformedHTTP, error_response
+from service.errors import MalformedHTTP, render
 
 
 class HttpProtocol(HttpToolsProtocol):
     """httptools' parser, as uvicorn picks it by default where httptools is installed (requirements-serve.txt)."""
 
     def send_400_response(self, msg: str) -> None:
-        body = error_response(MalformedHTTP.status_code, MalformedHTTP.code, msg).body
+        body = render(MalformedHTTP(msg)).body
         head = [STATUS_LINE[MalformedHTTP.status_code]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]

@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from service.errors import LoadFailed, ModelNotFound
 from service.inference import DataPlane, release_freed_memory
 from service.manifest import Manifest, ManifestError
 from service.metrics import Metrics
@@ -24,15 +25,6 @@ from service.model import ArtifactError, Classifier
 from service.settings import Settings
 
 log = logging.getLogger("service")
-
-
-class LoadFailed(Exception):
-    """The artifact in MODEL_DIR cannot be served; the model that was serving still is."""
-
-    def __init__(self, message: str, status_code: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
 
 
 @dataclass(frozen=True)
@@ -93,16 +85,16 @@ class Repository:
                     found = Manifest.read(model_dir).name
                 except ManifestError as exc:
                     self._metrics.model_loads.labels("failed").inc()
-                    raise LoadFailed(f"cannot load {name!r}: {exc}; still serving {describe(serving)}", 400) from None
+                    raise LoadFailed(f"cannot load {name!r}: {exc}; still serving {describe(serving)}") from None
                 if found != name:
-                    raise LoadFailed(f"the repository (MODEL_DIR={model_dir}) holds model {found!r}, not {name!r}", 404)
+                    raise ModelNotFound(f"the repository (MODEL_DIR={model_dir}) holds model {found!r}, not {name!r}")
             try:
                 model = await asyncio.to_thread(Classifier.load, model_dir, self._settings.intra_op_threads, warm=True)
             except ArtifactError as exc:
                 self._metrics.model_loads.labels("failed").inc()
                 log.error("model load from %s failed, still serving %s: %s", model_dir, describe(serving), exc)
                 raise LoadFailed(
-                    f"cannot load the artifact in {model_dir}: {exc}; still serving {describe(serving)}", 400
+                    f"cannot load the artifact in {model_dir}: {exc}; still serving {describe(serving)}"
                 ) from None
             replaced = self._plane.swap(model)
             self._metrics.describe_model(model.manifest)

@@ -1,24 +1,17 @@
 """The inference scheduler: a bounded queue in front of WORKERS engine workers sharing the model.
 
-Requests wait in one bounded queue; each worker takes up to MAX_BATCH of them (waiting at most BATCH_WAIT_MS
-for a batch to fill), runs the model in its own thread, and resolves each request.
+Requests wait in one bounded queue; the decode stage (service/decode_stage.py) decodes them in order into a
+small ready queue; each worker takes up to MAX_BATCH of them (waiting at most BATCH_WAIT_MS for a batch to
+fill), runs the model in its own thread, and resolves each request (service/waiter.py is how a request waits).
 
 How many cores a run gets is decided per run, from the scheduler's own state: a run that starts while no
 other run is in the engine and nobody waits is *wide* (every core: a lone request is answered as fast as the
 engine allows); any other run is narrow (one core each: on 2 cores two single-threaded runs side by side
-beat one two-threaded run, benchmarks/engine.py and benchmarks/parallelism.py).
-
-An image may be queued undecoded, as a function that decodes it. DECODERS tasks take the queue in order and
-decode (in the decode threads) just ahead of the engine into a small ready queue (2 x WORKERS x MAX_BATCH): the
-cores never wait for a decoding (it overlaps the runs), yet the queue holds encoded bytes rather than a megabyte
-of float32 pixels per waiting image, and an image whose client left or whose deadline passed while it waited is
-never decoded. (Decoding when a worker took the image, with no overlap, answered 0.84-0.88x as many requests
-under load: benchmarks/results/sweep-decode-on-take.md.)
+beat one two-threaded run).
 
 A lone image that finds the scheduler idle (nothing queued, being decoded or in the engine; MAX_BATCH 1) has
 nothing to overlap with: it goes to the workers undecoded, and the worker's thread decodes it just before its
-run. Through the decoders it went from the event loop to a decode thread and back before the worker sent it to
-an inference thread: two wake-ups more on the path of every request at one client.
+run, sparing it two event-loop wake-ups (to a decode thread and back).
 """
 
 from __future__ import annotations
@@ -27,14 +20,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, ServiceError, ShuttingDown
+from service import waiter
+from service.deadline import Deadline
+from service.decode_stage import DecodeStage, expired
+from service.errors import Overloaded, ServiceError, ShuttingDown
 from service.threads import named_pool
 
 log = logging.getLogger(__name__)
@@ -53,13 +49,15 @@ class Engine(Protocol):
 Decode = Callable[[], "np.ndarray | ServiceError"]
 """Decodes one image, blocking (the scheduler calls it in a thread): its pixels, or the error that answers it."""
 
+Rows = list["np.ndarray | ServiceError"]
+
 
 @dataclass
 class Job:
     pixels: np.ndarray | Decode
-    deadline: float
+    deadline: float  # time.monotonic()
     engine: Engine = field(repr=False)
-    future: asyncio.Future[np.ndarray | ServiceError] = field(repr=False)
+    future: waiter.Answer = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -88,26 +86,23 @@ class Scheduler:
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
         self._retry_after = str(retry_after_s)
-        self._decoders = decoders
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         # Decoded, waiting for a worker: each worker's next two batches, so a slow decoding (a large photo, a
         # busy event loop) never leaves a core waiting, and at most this many decoded images wait (plus one per
-        # decoder waiting for room here). One batch each answered 0.86x as many requests at 8 clients, 0.90x at
-        # 32 (benchmarks/results/sweep-decode-ahead-32.md).
+        # decoder waiting for room here). One batch each answered 0.86x as many requests at 8 clients.
         self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=2 * workers * max_batch)
         self._hooks = hooks or SchedulerHooks()
         self._pool = named_pool(workers, "inference")
-        self._decode_pool = named_pool(decoders, "decode")
+        self._decode = DecodeStage(decoders, self._queue, self._ready, self._report_depth)
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
-        self._decoding = 0  # images a decoder has taken from the queue and not yet handed to a worker
         self._closing = False
         # Set once a run has ended with nothing else in the engine or waiting (cleared when one starts).
         self._settled = asyncio.Event()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
-        self._tasks += [asyncio.create_task(self._decode(), name=f"decoder-{i}") for i in range(self._decoders)]
+        self._tasks += self._decode.start()
 
     async def settled(self) -> None:
         """Return once a run has been answered and the engine is idle: the time for background work that
@@ -120,18 +115,13 @@ class Scheduler:
         return self._queue.maxsize
 
     async def infer(
-        self,
-        engine: Engine,
-        images: Sequence[np.ndarray | Decode],
-        timeout_s: float,
-        gone: Callable[[], Awaitable[None]] | None = None,
-        late: str = "",
-    ) -> list[np.ndarray | ServiceError]:
+        self, engine: Engine, images: Sequence[np.ndarray | Decode], deadline: Deadline, gone: waiter.Gone | None = None
+    ) -> Rows:
         """Queue images for `engine`, all or none, and await their probabilities in order: (height, width, 3)
         pixels, or a Decode whose error, if it fails, is that image's answer.
 
-        503 if the queue has no room for all of them, 504 past `timeout_s` (saying `late`, when given), 499 as
-        soon as `gone()` (the client leaving) completes.
+        503 if the queue has no room for all of them, 504 past `deadline`, 499 as soon as `gone()` (the client
+        leaving) completes.
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down", headers={"Retry-After": self._retry_after})
@@ -141,47 +131,15 @@ class Scheduler:
                 headers={"Retry-After": self._retry_after},
             )
         loop = asyncio.get_running_loop()
-        jobs = [Job(pixels, loop.time() + timeout_s, engine, loop.create_future()) for pixels in images]
+        jobs = [Job(pixels, deadline.at, engine, loop.create_future()) for pixels in images]
         if len(jobs) == 1 and self._max_batch == 1 and self._idle():
             # Straight to the workers, undecoded: the worker's thread decodes it just before the run.
             self._ready.put_nowait(jobs[0])
         else:
             for job in jobs:  # room was checked above, and nothing awaits in between
                 self._queue.put_nowait(job)
-        self._hooks.on_queue_depth(self._waiting())
-
-        def fail(error: BaseException) -> None:
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
-
-        def spread(future: asyncio.Future[Any]) -> None:
-            error = None if future.cancelled() else future.exception()
-            if error is not None:  # (an image's own ServiceError, such as undecodable, is its result, not this)
-                fail(error)
-
-        # The deadline, the client leaving and (several images) one image's failure fail the request's jobs
-        # themselves, so the request awaits just its jobs' futures, woken straight from the run's answer:
-        # asyncio.wait over them and a watcher took one event-loop turn more, and its own bookkeeping
-        # (exp-trace: benchmarks/results/stage-trace-*.md).
-        timer = loop.call_later(timeout_s, fail, DeadlineExceeded(late or f"no answer within {timeout_s:g} s"))
-        watcher = asyncio.ensure_future(gone()) if gone is not None else None
-        if watcher is not None:
-            left = ClientDisconnected("the client closed the connection before the answer")
-            watcher.add_done_callback(lambda _: fail(left))
-        if len(jobs) > 1:
-            for job in jobs:
-                job.future.add_done_callback(spread)
-        try:
-            return [await job.future for job in jobs]
-        finally:
-            timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            # Synchronously, before any worker runs again: a job nobody waits for is skipped, not computed. And a
-            # job already failed (the deadline fails them all) counts as seen: asyncio logs no error for it.
-            for job in jobs:
-                job.future.cancel()
+        self._report_depth()
+        return await waiter.answers([job.future for job in jobs], deadline, gone)
 
     async def _next_batch(self) -> list[Job]:
         jobs = [await self._ready.get()]
@@ -196,16 +154,14 @@ class Scheduler:
                     jobs.append(await asyncio.wait_for(self._ready.get(), remaining))
                 except TimeoutError:
                     break
-        self._hooks.on_queue_depth(self._waiting())
+        self._report_depth()
         return jobs
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             jobs = await self._next_batch()
-            now = loop.time()
             try:
-                await self._run(jobs, now)
+                await self._run(jobs, time.monotonic())
             finally:
                 # Only now: close() waits on join(), which must mean "answered", not "taken".
                 for _ in jobs:
@@ -214,53 +170,11 @@ class Scheduler:
     async def _run(self, jobs: list[Job], now: float) -> None:
         by_engine: dict[int, list[Job]] = {}
         for job in jobs:
-            if job.future.done():  # failed where it waited (deadline, client gone), or nobody waits
-                continue
-            if now > job.deadline:
-                job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
-                continue
-            by_engine.setdefault(id(job.engine), []).append(job)
+            if not expired(job, now):
+                by_engine.setdefault(id(job.engine), []).append(job)
         # More than one engine only while a swapped-out model still has jobs queued: each runs on its own.
         for live in by_engine.values():
             await self._run_on(live[0].engine, live)
-
-    async def _decode(self) -> None:
-        """A decoder: takes the queue in order, decodes, and hands each image on to the workers."""
-        loop = asyncio.get_running_loop()
-        while True:
-            job = await self._queue.get()
-            self._decoding += 1
-            try:
-                if await self._decoded(job, loop.time()):
-                    await self._ready.put(job)  # waits while the workers' next batches are all decoded
-            finally:
-                self._decoding -= 1
-                self._queue.task_done()  # after the put: close() joins this queue, then the ready one
-                self._hooks.on_queue_depth(self._waiting())
-
-    async def _decoded(self, job: Job, now: float) -> bool:
-        """Whether `job` is still to run, with its pixels decoded; if not, it has its answer or nobody waits."""
-        if job.future.done():  # failed where it waited (deadline, client gone), or nobody waits
-            return False
-        if now > job.deadline:
-            job.future.set_exception(DeadlineExceeded("the request expired in the queue"))
-            return False
-        if isinstance(job.pixels, np.ndarray):
-            return True
-        try:
-            pixels = await asyncio.get_running_loop().run_in_executor(self._decode_pool, job.pixels)
-        except Exception as exc:  # a fault of ours, not the image's: that request gets a 500
-            log.exception("decoding failed")
-            if not job.future.done():
-                job.future.set_exception(exc)
-            return False
-        if job.future.done():  # the client left while its image was decoded
-            return False
-        if isinstance(pixels, ServiceError):  # the image's own answer (undecodable, too large)
-            job.future.set_result(pixels)
-            return False
-        job.pixels = pixels
-        return True
 
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
         """Run `live` on an inference thread; return once its jobs have their answers."""
@@ -269,7 +183,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         answered = loop.create_future()
 
-        def answer(run: Future[list[np.ndarray | ServiceError] | None]) -> None:
+        def answer(run: Future[Rows | None]) -> None:
             try:
                 rows = run.result()
                 if rows is not None:  # None: nobody waits for it any more
@@ -287,15 +201,14 @@ class Scheduler:
                 if not answered.done():
                     answered.set_result(None)
 
-        def hand_back(run: Future[list[np.ndarray | ServiceError] | None]) -> None:
+        def hand_back(run: Future[Rows | None]) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop has closed under a run nobody waits for
                 loop.call_soon_threadsafe(answer, run)
 
         # The pool is shut down only by close(), once every worker has stopped: a submit here is never refused.
         run = self._pool.submit(self._engine_run, engine, live)
         # The answers go out from the thread's completion itself, not after this task has resumed from an
-        # executor future: one event-loop turn less between the run and the client (0.04 ms of a lone request,
-        # exp-trace: benchmarks/results/stage-trace-*.md).
+        # executor future: one event-loop turn less between the run and the client.
         run.add_done_callback(hand_back)
         await answered
 
@@ -303,7 +216,7 @@ class Scheduler:
         self._in_flight += images
         self._hooks.on_in_flight(self._in_flight)
 
-    def _engine_run(self, engine: Engine, live: list[Job]) -> list[np.ndarray | ServiceError] | None:
+    def _engine_run(self, engine: Engine, live: list[Job]) -> Rows | None:
         """On an inference thread: one run of `live`, decoding first a lone image that came undecoded (infer).
         Each job's answer, in order: its probabilities, or (a lone image) its own error; None if nobody waits."""
         if len(live) == 1 and not isinstance(live[0].pixels, np.ndarray):
@@ -321,11 +234,7 @@ class Scheduler:
             pixels = [job.pixels for job in live if isinstance(job.pixels, np.ndarray)]  # all: decoded ahead
         # One image (the common case unbatched) is passed as a view: no copy of its megabyte.
         batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
-        # Every core only if nothing else is in the engine or waiting to enter it. Decided here, at the last
-        # moment, from the event loop's counters (read only, under the GIL): each run was counted in before its
-        # thread started, so of two runs starting together the later one to look sees the other; and waiting is
-        # read first, so a job the loop moves from waiting into the engine between the two reads is seen.
-        wide = self._waiting() == 0 and self._in_flight == len(live) and engine.wide is not None
+        wide = self._wide(engine, len(live))
         self._hooks.on_run(wide)
         started = time.perf_counter()
         try:
@@ -336,9 +245,19 @@ class Scheduler:
         self._hooks.on_batch(len(live), time.perf_counter() - started)
         return list(probabilities)
 
+    def _wide(self, engine: Engine, images: int) -> bool:
+        """Every core only if nothing else is in the engine or waiting to enter it. Decided at the last moment,
+        from the event loop's counters (read only, under the GIL): each run was counted in before its thread
+        started, so of two runs starting together the later one to look sees the other; and waiting is read
+        first, so a job the loop moves from waiting into the engine between the two reads is seen."""
+        return self._waiting() == 0 and self._in_flight == images and engine.wide is not None
+
     def _waiting(self) -> int:
         """Images accepted and not yet in the engine: queued, being decoded, or decoded for a worker."""
-        return self._queue.qsize() + self._decoding + self._ready.qsize()
+        return self._queue.qsize() + self._decode.decoding + self._ready.qsize()
+
+    def _report_depth(self) -> None:
+        self._hooks.on_queue_depth(self._waiting())
 
     def _idle(self) -> bool:
         """Nothing in the engine or waiting to enter it."""
@@ -355,30 +274,4 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._pool.shutdown(wait=True)
-        self._decode_pool.shutdown(wait=True)
-
-
-class Admission:
-    """Caps the images inside the service (decoding, queued or in the engine): beyond it, 503 at once.
-
-    A request counts once per image it carries.
-    """
-
-    def __init__(self, limit: int, retry_after_s: int = 1) -> None:
-        self.limit = limit
-        self.pending = 0
-        self._retry_after = str(retry_after_s)
-
-    @contextlib.contextmanager
-    def admit(self, images: int = 1) -> Iterator[None]:
-        """Room for `images` more images (a request of several counts each), or 503 at once."""
-        if self.pending + images > self.limit:
-            raise Overloaded(
-                f"{self.pending} requests are already being served (the limit is {self.limit}); retry shortly",
-                headers={"Retry-After": self._retry_after},
-            )
-        self.pending += images
-        try:
-            yield
-        finally:
-            self.pending -= images
+        self._decode.shutdown()

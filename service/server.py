@@ -29,7 +29,7 @@ class Server(uvicorn.Server):
         self._app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._app.state.ready = False
+        self._app.state.data_plane.ready = False
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:

@@ -15,7 +15,7 @@ import pytest
 from starlette.applications import Starlette
 
 from service.model import Classifier, ranked
-from service.oip import _classification
+from service.oip_codec import classification
 from tests.helpers import edit_manifest, image_bytes, make_app, serving, write_tiny_artifact
 
 RED = image_bytes((255, 0, 0))
@@ -152,7 +152,7 @@ def test_the_best_class_is_the_first_of_the_ranking_whatever_the_ties_and_nans()
     assert ranked(np.array([1, 1, 2, 2], dtype=np.float32), 4) == [2, 3, 0, 1]
     assert ranked(np.array([np.nan, 0.2, 0.7, 0.1], dtype=np.float32), 1) == [2]
     assert ranked(np.array([np.nan, 0.2, 0.7, 0.1], dtype=np.float32), 4) == [2, 1, 3, 0]
-    assert _classification(np.array([[1, 1, 2, 2]], dtype=np.float32), ["a", "b", "c", "d"], 1) == [b"2.000000:2:c"]
+    assert classification(np.array([[1, 1, 2, 2]], dtype=np.float32), ["a", "b", "c", "d"], 1) == [b"2.000000:2:c"]
     rng = np.random.default_rng(0)
     for _ in range(500):
         row = rng.integers(0, 4, size=int(rng.integers(2, 200))).astype(np.float32)  # many ties

@@ -258,18 +258,3 @@ def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[s
             assert not hasattr(gated, "session") and gated.wide is None
 
     asyncio.run(scenario())
-
-
-def test_the_swap_memory_benchmark_measures_each_swap(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    import json
-
-    from benchmarks import swap_memory
-
-    argv = ["--artifact", str(artifacts["a"]), "--swaps", "2", "--clients", "1", "--out", str(tmp_path)]
-    assert swap_memory.main(argv) == 0
-    result = json.loads((tmp_path / "swap_memory.json").read_text())
-    assert result["command"].startswith("python -m benchmarks.swap_memory --artifact")
-    assert len(result["swaps"]) == 2 and result["failed_requests"] == 0
-    for swap in result["swaps"]:
-        assert swap["peak_mb"] >= swap["rss_after_mb"] > 0 and swap["rss_before_mb"] > 0
-    assert "| 2 |" in (tmp_path / "swap_memory.md").read_text()

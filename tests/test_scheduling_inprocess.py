@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.deadline import Deadline
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage, Overloaded
 from service.metrics import Metrics
 from service.scheduler import Job, Scheduler
@@ -104,13 +105,15 @@ def _infer(
     names: list[str],
     gone: Callable[[], Awaitable[None]] | None = None,
 ) -> asyncio.Task[list[np.ndarray]]:
-    return asyncio.ensure_future(scheduler.infer(engine, [_pixels(name) for name in names], TIMEOUT_S, gone))
+    return asyncio.ensure_future(
+        scheduler.infer(engine, [_pixels(name) for name in names], Deadline.after(TIMEOUT_S), gone)
+    )
 
 
 async def _a_decoder_fault_fails_only_its_request(scheduler: Scheduler, engine: GatedClassifier) -> None:
     """A fault that is not the image's fails its request (a 500), and the worker goes on serving."""
     with pytest.raises(RuntimeError, match="a fault of the decoder"):
-        await scheduler.infer(engine, [_broken], TIMEOUT_S)
+        await scheduler.infer(engine, [_broken], Deadline.after(TIMEOUT_S))
     assert _classes(engine, await _infer(scheduler, engine, ["dark"])) == ["dark"]
 
 
@@ -196,7 +199,7 @@ def test_a_short_batch_wait_still_takes_what_is_already_queued(engine: Recording
 def test_several_images_without_a_watcher_are_answered_in_order_one_run_each(engine: RecordingClassifier) -> None:
     async def scenario() -> list[np.ndarray]:
         async with _running() as (scheduler, _):  # MAX_BATCH=1: the answers come back one run at a time
-            return await scheduler.infer(engine, [_pixels(name) for name in COLOURS], TIMEOUT_S)
+            return await scheduler.infer(engine, [_pixels(name) for name in COLOURS], Deadline.after(TIMEOUT_S))
 
     assert _classes(engine, asyncio.run(scenario())) == list(COLOURS)
     assert (engine.runs, engine.images) == (4, 4)
@@ -216,7 +219,9 @@ def test_the_disconnect_watcher_is_cancelled_once_the_answer_is_in(engine: Recor
 
     async def scenario() -> None:
         async with _running() as (scheduler, _):
-            assert _classes(engine, await scheduler.infer(engine, [_pixels("blue")], TIMEOUT_S, never_gone)) == ["blue"]
+            assert _classes(
+                engine, await scheduler.infer(engine, [_pixels("blue")], Deadline.after(TIMEOUT_S), never_gone)
+            ) == ["blue"]
             assert watched.is_set()
             # Cancelled as the call returns; it learns so the next time the loop runs it.
             await asyncio.wait_for(cancelled.wait(), TIMEOUT_S)
@@ -259,7 +264,7 @@ def test_an_expired_job_is_answered_504_and_the_rest_of_its_batch_still_runs(eng
     async def scenario() -> list[Job]:
         scheduler, _ = _scheduler(max_batch=3)
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         jobs = [
             Job(_pixels("red"), now - 1.0, engine, loop.create_future()),  # expired while it waited
             Job(_pixels("green"), now, engine, loop.create_future()),  # due this instant: still in time
@@ -289,7 +294,7 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
 
     async def scenario() -> None:
         async with _running(workers=2, decoders=2) as (scheduler, metrics):  # blue passes red while red decodes
-            slow = asyncio.ensure_future(scheduler.infer(engine, [decode_red], TIMEOUT_S))
+            slow = asyncio.ensure_future(scheduler.infer(engine, [decode_red], Deadline.after(TIMEOUT_S)))
             await until(decoding.is_set, "red being decoded")
             with engine.held():
                 beside = _infer(scheduler, engine, ["blue"])
@@ -338,13 +343,15 @@ def test_a_lone_image_is_decoded_and_run_on_one_inference_thread_and_a_queued_on
 
     async def scenario() -> None:
         async with _running(workers=2, decoders=1) as (scheduler, metrics):
-            assert _classes(engine, await scheduler.infer(engine, [decoder("red")], TIMEOUT_S)) == ["red"]
+            assert _classes(engine, await scheduler.infer(engine, [decoder("red")], Deadline.after(TIMEOUT_S))) == [
+                "red"
+            ]
             assert _value(metrics, "inference_in_flight") == 0
             with engine.held():
-                running = asyncio.ensure_future(scheduler.infer(engine, [decoder("green")], TIMEOUT_S))
+                running = asyncio.ensure_future(scheduler.infer(engine, [decoder("green")], Deadline.after(TIMEOUT_S)))
                 await until(lambda: engine.runs == 2, "green in the engine")
                 assert _value(metrics, "inference_in_flight") == 1  # counted in the engine while it runs
-                queued = asyncio.ensure_future(scheduler.infer(engine, [decoder("blue")], TIMEOUT_S))
+                queued = asyncio.ensure_future(scheduler.infer(engine, [decoder("blue")], Deadline.after(TIMEOUT_S)))
                 await until(lambda: engine.runs == 3, "blue beside it")
             assert _classes(engine, await running + await queued) == ["green", "blue"]
             await asyncio.wait_for(scheduler.settled(), TIMEOUT_S)
@@ -368,9 +375,9 @@ def test_with_batching_on_a_lone_image_is_queued_to_the_decoders_like_the_rest(e
 
     async def scenario() -> list[list[np.ndarray]]:
         async with _running(max_batch=2, batch_wait_s=TIMEOUT_S) as (scheduler, _):
-            first = asyncio.ensure_future(scheduler.infer(engine, [decode], TIMEOUT_S))
+            first = asyncio.ensure_future(scheduler.infer(engine, [decode], Deadline.after(TIMEOUT_S)))
             await asyncio.sleep(0)
-            return list(await asyncio.gather(first, scheduler.infer(engine, [decode], TIMEOUT_S)))
+            return list(await asyncio.gather(first, scheduler.infer(engine, [decode], Deadline.after(TIMEOUT_S))))
 
     answers = asyncio.run(scenario())
     assert [_classes(engine, rows) for rows in answers] == [["red"], ["red"]]
@@ -383,7 +390,7 @@ def test_a_lone_image_is_answered_with_its_own_decoding_error_and_a_decoder_faul
 ) -> None:
     async def scenario() -> None:
         async with _running() as (scheduler, _):
-            (error,) = await scheduler.infer(engine, [_undecodable], TIMEOUT_S)
+            (error,) = await scheduler.infer(engine, [_undecodable], Deadline.after(TIMEOUT_S))
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
             await _a_decoder_fault_fails_only_its_request(scheduler, engine)
 
@@ -397,7 +404,7 @@ def test_a_batch_alone_in_the_engine_is_wide(engine: RecordingClassifier) -> Non
 
     async def scenario() -> list[np.ndarray]:
         async with _running(max_batch=2, batch_wait_s=TIMEOUT_S) as (scheduler, _):
-            return await scheduler.infer(engine, [_pixels("red"), _pixels("green")], TIMEOUT_S)
+            return await scheduler.infer(engine, [_pixels("red"), _pixels("green")], Deadline.after(TIMEOUT_S))
 
     assert _classes(engine, asyncio.run(scenario())) == ["red", "green"]
     assert (engine.runs, engine.images) == (1, 2)
@@ -417,7 +424,7 @@ def test_a_lone_image_whose_client_left_while_it_was_decoded_never_runs(engine: 
         scheduler, metrics = _scheduler()
         scheduler.start()
         try:
-            request = asyncio.ensure_future(scheduler.infer(engine, [decode], TIMEOUT_S, left.wait))
+            request = asyncio.ensure_future(scheduler.infer(engine, [decode], Deadline.after(TIMEOUT_S), left.wait))
             await until(decoding.is_set, "the image being decoded")
             left.set()
             with pytest.raises(ClientDisconnected):
@@ -468,7 +475,9 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
                 first = _infer(scheduler, engine, ["red"])
                 await until(lambda: engine.runs == 1, "the red run in the engine")
                 batch = asyncio.ensure_future(
-                    scheduler.infer(engine, [_pixels("green"), _undecodable, _pixels("blue")], TIMEOUT_S)
+                    scheduler.infer(
+                        engine, [_pixels("green"), _undecodable, _pixels("blue")], Deadline.after(TIMEOUT_S)
+                    )
                 )
                 # Decoded ahead of the engine: green and blue wait for the worker, the bad image has its answer.
                 await until(lambda: _value(metrics, "inference_queue_depth") == 2, "green and blue decoded")
@@ -503,12 +512,14 @@ def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client
     async def scenario() -> None:
         async with _running(workers=1, max_batch=1, decoders=1) as (scheduler, metrics):
             with engine.held():
-                running = asyncio.ensure_future(scheduler.infer(engine, [decoder("dark")], TIMEOUT_S))
+                running = asyncio.ensure_future(scheduler.infer(engine, [decoder("dark")], Deadline.after(TIMEOUT_S)))
                 await until(lambda: engine.runs == 1, "a run in the engine")
                 left = asyncio.Event()
                 waiting = [
                     asyncio.ensure_future(
-                        scheduler.infer(engine, [decoder(name)], TIMEOUT_S, left.wait if i == 5 else None)
+                        scheduler.infer(
+                            engine, [decoder(name)], Deadline.after(TIMEOUT_S), left.wait if i == 5 else None
+                        )
                     )
                     for i, name in enumerate(names)
                 ]
@@ -546,7 +557,9 @@ def test_two_workers_taking_batches_of_two_have_eight_images_decoded_ahead(engin
             with engine.held():
                 busy = [_infer(scheduler, engine, ["dark"]) for _ in range(2)]
                 await until(lambda: engine.runs == 2, "both workers in the engine")
-                waiting = asyncio.ensure_future(scheduler.infer(engine, [decoder(i) for i in range(12)], TIMEOUT_S))
+                waiting = asyncio.ensure_future(
+                    scheduler.infer(engine, [decoder(i) for i in range(12)], Deadline.after(TIMEOUT_S))
+                )
                 await until(lambda: len(decoded) == 9, "the decoder to fill both workers' next two batches")
                 for _ in range(20):
                     await asyncio.sleep(0)
@@ -575,7 +588,9 @@ def test_close_ends_every_task_start_began_and_every_thread_it_used(engine: Reco
         with engine.held():
             alone = _infer(scheduler, engine, ["red"])
             await until(lambda: engine.runs == 1, "red in the engine")
-            queued = asyncio.ensure_future(scheduler.infer(engine, [lambda: _pixels("blue")], TIMEOUT_S))
+            queued = asyncio.ensure_future(
+                scheduler.infer(engine, [lambda: _pixels("blue")], Deadline.after(TIMEOUT_S))
+            )
             await until(lambda: engine.runs == 2, "blue, decoded by a decoder, beside it")
         assert _classes(engine, await alone + await queued) == ["red", "blue"]
         started = {thread.name for thread in set(threading.enumerate()) - threads_before}
@@ -595,9 +610,9 @@ def test_past_its_timeout_a_request_is_told_how_long_it_waited(engine: Recording
                 running = _infer(scheduler, engine, ["red"])
                 await until(lambda: engine.runs == 1, "a run in the engine")
                 with pytest.raises(DeadlineExceeded, match=r"^no answer within 0\.05 s$"):
-                    await scheduler.infer(engine, [_pixels("green")], 0.05)
-                with pytest.raises(DeadlineExceeded, match=r"^too late \(REQUEST_TIMEOUT_S\)$"):
-                    await scheduler.infer(engine, [_pixels("blue")], 0.05, late="too late (REQUEST_TIMEOUT_S)")
+                    await scheduler.infer(engine, [_pixels("green")], Deadline.after(0.05))
+                with pytest.raises(DeadlineExceeded, match=r"^no answer within 0\.05 s \(REQUEST_TIMEOUT_S\)$"):
+                    await scheduler.infer(engine, [_pixels("blue")], Deadline.after(0.05, "REQUEST_TIMEOUT_S"))
             assert _classes(engine, await running) == ["red"]
 
     asyncio.run(scenario())
@@ -613,7 +628,7 @@ def test_a_request_of_several_images_past_its_timeout_leaves_no_failure_unseen(
     async def scenario() -> None:
         async with _running() as (scheduler, _):
             with engine.held(), pytest.raises(DeadlineExceeded, match=r"^no answer within 0\.05 s$"):
-                await scheduler.infer(engine, [_pixels(name) for name in COLOURS], 0.05)
+                await scheduler.infer(engine, [_pixels(name) for name in COLOURS], Deadline.after(0.05))
 
     asyncio.run(scenario())
     gc.collect()  # the raised error's traceback holds the request's frame, and so the jobs: a cycle
@@ -635,7 +650,7 @@ def test_an_image_that_expires_before_a_decoder_takes_it_is_answered_504_and_nev
             with engine.held():
                 running = _infer(scheduler, engine, ["dark"])  # in the engine: the next image is queued
                 await until(lambda: engine.runs == 1, "a run in the engine")
-                request = asyncio.ensure_future(scheduler.infer(engine, [decode], 0.05))
+                request = asyncio.ensure_future(scheduler.infer(engine, [decode], Deadline.after(0.05)))
                 await asyncio.sleep(0)  # the request queues its image, which wakes the decoder on the next turn
                 # The event loop held past the deadline: the decoder, woken first, takes the image before the
                 # request's own timer fires, and answers it without decoding it.
@@ -663,11 +678,15 @@ def test_images_a_decoder_holds_count_against_the_queue_bound(engine: RecordingC
         scheduler, metrics = _scheduler(max_queue=2, decoders=2)
         scheduler.start()
         try:
-            first = asyncio.ensure_future(scheduler.infer(engine, [held_decode, held_decode], TIMEOUT_S))
+            first = asyncio.ensure_future(
+                scheduler.infer(engine, [held_decode, held_decode], Deadline.after(TIMEOUT_S))
+            )
             await until(lambda: len(decoding) == 2, "both images in the decoders")
             assert _value(metrics, "inference_queue_depth") == 2
             with pytest.raises(Overloaded, match="queue is full"):
-                await scheduler.infer(engine, [_pixels("blue")], 1.0)  # accepted, it would wait and time out
+                await scheduler.infer(
+                    engine, [_pixels("blue")], Deadline.after(1.0)
+                )  # accepted, it would wait and time out
             release.set()
             assert _classes(engine, await first) == ["red", "red"]
             assert _value(metrics, "inference_queue_depth") == 0
@@ -695,7 +714,7 @@ def test_a_batch_answered_with_too_few_rows_fails_its_requests_and_the_worker_go
         scheduler.start()
         try:
             with pytest.raises(ValueError, match="zip"):  # a 500, not a request left to its deadline
-                await scheduler.infer(broken, [_pixels("red"), _pixels("green")], TIMEOUT_S)
+                await scheduler.infer(broken, [_pixels("red"), _pixels("green")], Deadline.after(TIMEOUT_S))
             assert _classes(healthy, await _infer(scheduler, healthy, ["blue"])) == ["blue"]
         finally:
             await asyncio.wait_for(scheduler.close(), TIMEOUT_S)  # the one worker was not left waiting
@@ -711,7 +730,9 @@ def test_a_fault_in_a_later_image_fails_the_request_while_an_earlier_one_still_r
         async with _running(workers=2) as (scheduler, _):
             with engine.held():
                 engine.finished.clear()
-                request = asyncio.ensure_future(scheduler.infer(engine, [_pixels("red"), _broken], TIMEOUT_S))
+                request = asyncio.ensure_future(
+                    scheduler.infer(engine, [_pixels("red"), _broken], Deadline.after(TIMEOUT_S))
+                )
                 await until(lambda: request.done(), "the fault to fail the request, the first image still held")
                 assert engine.runs == 1 and not engine.finished.is_set()
                 with pytest.raises(RuntimeError, match="a fault of the decoder"):
@@ -729,7 +750,7 @@ def test_a_run_that_ends_after_its_event_loop_logs_nothing(
         scheduler, _ = _scheduler()
         scheduler.start()
         engine.gate.clear()
-        asyncio.ensure_future(scheduler.infer(engine, [_pixels("red")], TIMEOUT_S))
+        asyncio.ensure_future(scheduler.infer(engine, [_pixels("red")], Deadline.after(TIMEOUT_S)))
         await until(lambda: engine.runs == 1, "a run in the engine")
         return scheduler
 

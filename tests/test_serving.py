@@ -162,7 +162,7 @@ def test_shutdown_answers_every_queued_request_and_refuses_new_ones(gated: Gated
                 held += [_post(client, name) for name in ORDER[1:5]]
                 await until(lambda: sample(app, "inference_queue_depth") == 4, "four requests queued")
                 closing = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
-                await until(lambda: not app.state.ready, "the shutdown to start")
+                await until(lambda: not app.state.data_plane.ready, "the shutdown to start")
                 assert (await client.get("/ready")).status_code == 503
                 late = await client.post("/infer", files={"image": PNG["red"]})
                 assert _error(late, 503, "shutting_down") == "the server is shutting down"
@@ -369,9 +369,9 @@ def test_ready_is_503_until_the_model_is_loaded_and_from_the_first_sigterm(tiny_
 def test_a_lone_sigint_drains_like_sigterm(tiny_artifact: Path) -> None:
     app = make_app(MODEL_DIR=str(tiny_artifact))
     server = Server(uvicorn.Config(app), app)
-    app.state.ready = True
+    app.state.data_plane.ready = True
     server.handle_exit(signal.SIGINT, None)
-    assert server.should_exit and not server.force_exit and app.state.ready is False
+    assert server.should_exit and not server.force_exit and app.state.data_plane.ready is False
 
 
 def test_an_nchw_model_is_fed_channels_first(tmp_path: Path) -> None:
