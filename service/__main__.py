@@ -23,7 +23,7 @@ def main() -> int:
     # Load before uvicorn starts, so a bad artifact is one clear line and a non-zero exit. onnxruntime builds
     # and first runs the session with the GIL released, so the web stack (uvicorn, Starlette, Pillow,
     # prometheus-client) imports, and the decode path warms, on the other core meanwhile: launch to first
-    # answer in 0.75-0.83 of the time it took one after the other (benchmarks/results/cold-start*.md).
+    # answer in 0.75-0.83 of the time it took one after the other.
     with ThreadPoolExecutor(1, thread_name_prefix="load") as loader:
         loading = loader.submit(Classifier.load, settings.model_dir, settings.intra_op_threads, warm=True)
         from service.imaging import warm_up

@@ -52,7 +52,7 @@ _TRANSPOSES = {
 }
 _SWAPS = tuple(_TRANSPOSES[orientation] for orientation in (5, 6, 7, 8))  # the turns that swap width and height
 
-# What decoding costs, per pixel of the decoded image (benchmarks/decode_cost.py measures it). Pillow keeps
+# What decoding costs, per pixel of the decoded image (measured with tracemalloc and RSS). Pillow keeps
 # bilevel, greyscale and palette images in a byte a pixel, 16-bit ones in two, everything else in four.
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 # 16-bit and float greyscale are scaled as a whole in float32 (their peak value sets the scale): the float
@@ -60,7 +60,7 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "
 _SCALED_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _SCALING_BYTES_PER_PIXEL = 14
 # Pillow's WebP decoder has libwebp decode into a buffer of its own, hands it to Python as bytes, then copies
-# that into the image: about four times the image at the peak (benchmarks/results/decode-cost-*.md).
+# that into the image: about four times the image at the peak.
 _DECODER_COPIES = {"WEBP": 4}
 # Above this many decoded pixels only the rows the resize reads are converted to RGB (resize_rows_bilinear_tf):
 # converting a whole large image took up to 4x its decoded size again (an RGBA PNG: RGBA, background, blend,
@@ -296,8 +296,7 @@ def _resize_rows(
     resized = np.empty((height, width * channels), dtype=np.float32)
     # A band of output rows at a time, the same arithmetic element for element: the float temporaries are a
     # band's rather than the whole output's four times over, so each thread's malloc arena keeps less of them
-    # once freed (peak RSS at 2 clients 188 against 200 MB with per-thread arenas, benchmarks/results/
-    # sweep-banded-resize-arenas.md).
+    # once freed (peak RSS at 2 clients 188 against 200 MB with per-thread arenas).
     for start in range(0, height, _BAND_ROWS):
         band = slice(start, start + _BAND_ROWS)
         low, high = rows_low[band], rows_high[band]

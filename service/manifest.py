@@ -33,8 +33,7 @@ def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         # Large chunks: at start-up this runs on the loader thread while the main thread imports the web stack,
         # and each read and update gives up the GIL and waits up to the 5 ms switch interval to get it back. In
-        # 1 MiB chunks the loader ended 23 ms later; launch to first answer 0.923 of that in 16 MiB chunks
-        # (benchmarks/results/cold-start-variants.md, startup_phases-overlapped.md).
+        # 1 MiB chunks the loader ended 23 ms later; launch to first answer 0.923 of that in 16 MiB chunks.
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()

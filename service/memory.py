@@ -1,9 +1,8 @@
 """The process's C library, and its heap (glibc malloc): freed pages handed back.
 
 The arenas are glibc's default, one per thread that allocates (up to 8 per core): the engine threads then
-do less malloc work. At 8 clients that answered 1.024 of eacc010's requests against 0.977 with one shared
-arena, and peak RSS stayed under 200 MB once a decoding's float temporaries were a band of rows
-(service/imaging.py): benchmarks/results/ab-banded-resize-arenas.md, sweep-banded-resize-arenas.md. An
+do less malloc work: at 8 clients about 5% more requests answered than with one shared arena, and peak RSS
+stays under 200 MB because a decoding's float temporaries are a band of rows (service/imaging.py). An
 operator who prefers the least memory sets glibc's own MALLOC_ARENA_MAX=1 (docs/operations.md).
 """
 

@@ -39,7 +39,7 @@ def ranked(probabilities: np.ndarray, k: int) -> list[int]:
     if k == 1:
         # One C call where it settles the answer (argmax takes the first of a tie, but a NaN would win it): on
         # the event loop just after a run has had both cores, a sort's Python wrappers took 0.085 ms of a lone
-        # request (exp-trace: benchmarks/results/stage-trace-*.md).
+        # request.
         first = int(probabilities.argmax())
         if not math.isnan(probabilities[first]):
             return [first]
@@ -56,15 +56,14 @@ def session_options(threads: int, *, spinning: bool = False) -> ort.SessionOptio
     # for this machine's CPU; the shipped file itself stays portable.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle intra-op threads spin by default, stealing the cores that decoding needs: with JPEG decoding
-    # alongside, 1 worker x 2 threads ran 12.4 img/s spinning, 20.5 not (benchmarks/session_options.py).
-    # Only the wide session, which runs a request that is alone, spins (benchmarks/parallelism.py).
+    # alongside, 1 worker x 2 threads ran 12.4 img/s spinning, 20.5 not. Only the wide session, which runs a
+    # request that is alone, spins: there no decoding competes, and a spinning thread joins a run sooner.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if spinning:
         # Spinning between a run's operators, not between runs: a lone request's idle wide thread would spin
         # on through the next request's HTTP and decoding. 6.5-8.7 ms less CPU per lone request in that thread
-        # (22-27%; a pod's CPU limit counts it), latency the same within the spread (benchmarks/results/
-        # lone-request-forcestop-*.md, sweep-forcestop.md).
+        # (22-27%; a pod's CPU limit counts it), latency the same within the spread.
         options.add_session_config_entry("session.force_spinning_stop", "1")
     # A memory pattern reserves one block per concurrent run for all of a run's tensors; without it, runs take
     # tensors from the shared arena and reuse each other's freed chunks: 6-7 MB less with two runs side by side,

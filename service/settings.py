@@ -64,7 +64,7 @@ def default_decode_threads(threads: int) -> int:
 
     Decoding and resizing a photo costs about a tenth of an inference, so one decoder keeps several
     engine workers fed. On 2 cores a second decoder only competes with the engine: one decoder answered
-    4.6% and 7.5% more requests in two interleaved A/B runs (benchmarks/results/ab-decode-threads*.md).
+    4.6% and 7.5% more requests in two interleaved A/B runs.
     """
     return max(1, math.ceil(threads / 4))
 
