@@ -2,7 +2,7 @@
 by name. Reads mutmut's own result files (mutants/service/*.py.meta), so run it from the repository root after
 `mutmut run` (docs/mutation.md):
 
-    .venv/bin/python -m benchmarks.mutation_summary --command "..." --commit 252ec97 [--keep service/manifest.py]
+    .venv/bin/python scripts/mutation_summary.py --command "..." --commit 252ec97 [--keep service/manifest.py]
 
 writes benchmarks/results/mutation.json and .md. `--keep MODULE` carries a module's entry over from the results
 file already there (a module not rerun this time), marked with where it came from.

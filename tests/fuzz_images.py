@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of what a client controls: the request body and the image bytes.
 
-    python -m benchmarks.fuzz --seconds 120       # each target for 120 s, one after the other
-    python -m benchmarks.fuzz --seconds 10 --target preprocess
+    python -m tests.fuzz_images --seconds 120       # each target for 120 s, one after the other
+    python -m tests.fuzz_images --seconds 10 --target preprocess
 
 The targets are the entry points of tests/test_fuzz.py: `payload` (service.payload.read_image_bytes on a real
 Starlette Request: the first input byte picks the content type, the second the boundary parameter and the
@@ -14,7 +14,7 @@ file's seed images.
 The contract is the one the tests check: a typed ServiceError or a result, never another exception. Other
 exceptions are counted by type and place, the smallest input of each kept (base64), and fuzzing goes on; a
 libFuzzer crash (timeout, out of memory) ends that target and is recorded with its output. Writes
-results/fuzz.{json,md}.
+benchmarks/results/fuzz.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("payload", "preprocess")
 PREFIX = 3  # input bytes that steer the payload target before the body begins
 
@@ -186,17 +185,17 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.fuzz_images", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=60, help="fuzzing time per target (default 60)")
     parser.add_argument("--target", choices=TARGETS, action="append", help="one target (repeatable; default both)")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     parser.add_argument("--name", default="fuzz", help="result file name (default: fuzz)")
     parser.add_argument("--note", action="append", default=[], help="a line added to the Markdown (repeatable)")
     args = parser.parse_args(argv)
 
     import atheris
 
-    from benchmarks.report import command_line, provenance, save
+    from benchmarks.harness import command_line, provenance, save
 
     entry_points = {
         "payload": "service.payload.read_image_bytes (tests.test_fuzz.fuzz_payload)",
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result: dict[str, Any] = {
         "name": args.name,
-        **provenance(command_line("python -m benchmarks.fuzz", argv)),
+        **provenance(command_line("python -m tests.fuzz_images", argv)),
         "fuzzer": f"atheris {getattr(atheris, '__version__', '3.0.0')} (libFuzzer)",
         "targets": [],
         "notes": args.note,
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.target or TARGETS:
             report, corpus = Path(tmp) / f"{target}.json", Path(tmp) / f"corpus-{target}"
             call = f"fuzz_one({target!r}, {args.seconds}, {str(report)!r}, {str(corpus)!r})"
-            code = f"from benchmarks.fuzz import fuzz_one; {call}"
+            code = f"from tests.fuzz_images import fuzz_one; {call}"
             print(f"fuzzing {target} for {args.seconds} s...", flush=True)
             done = subprocess.run(
                 [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=args.seconds + 600

@@ -2,7 +2,7 @@
 
 Any body with any content type gives the image bytes or one of the typed ServiceErrors; any bytes give
 the model's input array or one of the typed ServiceErrors; and through the real app, any request gets 200
-or a documented 4xx in the one JSON shape, never a 500. benchmarks/fuzz.py drives the same entry points
+or a documented 4xx in the one JSON shape, never a 500. tests/fuzz_images.py drives the same entry points
 (`fuzz_payload`, `fuzz_preprocess`, with atheris) for longer.
 """
 
@@ -38,7 +38,7 @@ from tests.helpers import ARTIFACTS, asgi_post, make_app, write_tiny_artifact
 SPEC = Manifest.read(ARTIFACTS).preprocessing
 MAX_UPLOAD = 4096  # small, so that the 413 paths are reached by small bodies too
 MAX_PIXELS = (1, 64 * 48, *[1 << 20] * 4)  # mostly a limit the seeds pass
-# Bounded so the whole file runs in well under a minute on 2 shared cores; benchmarks/fuzz.py runs longer.
+# Bounded so the whole file runs in well under a minute on 2 shared cores; tests/fuzz_images.py runs longer.
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 DOCUMENTED = {
     400: {"invalid_image", "empty_image", "malformed_body"},

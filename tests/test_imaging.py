@@ -11,19 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from benchmarks.decode_cost import (
-    decode_in_a_fresh_process,
-    encoded,
-    exif_block,
-    flat_image,
-    gif_with_a_large_frame,
-    measure,
-    png_chunk,
-    png_chunks,
-    png_text,
-    png_with,
-    rle8_bmp,
-)
 from service.errors import EmptyImage, ImageTooLarge, InvalidImage
 from service.imaging import (
     ROWS_ONLY_ABOVE_PIXELS,
@@ -41,6 +28,19 @@ from service.imaging import (
 )
 from service.manifest import Preprocessing
 from tests.helpers import image_bytes
+from tests.hostile_files import (
+    decode_in_a_fresh_process,
+    encoded,
+    exif_block,
+    flat_image,
+    gif_with_a_large_frame,
+    measure,
+    png_chunk,
+    png_chunks,
+    png_text,
+    png_with,
+    rle8_bmp,
+)
 
 SPEC = Preprocessing(height=30, width=40)
 LIMIT = 10_000_000
@@ -568,7 +568,7 @@ def test_a_png_turned_by_an_orientation_after_its_pixels_counts_the_turned_copy(
 def test_decoding_takes_no_more_memory_than_its_cost_says(
     fmt: str, mode: str, options: dict[str, object], megapixels: float, tmp_path: Path
 ) -> None:
-    # Each image in a fresh process (benchmarks/decode_cost.py): how much its peak RSS grew decoding it. Whole,
+    # Each image in a fresh process (tests/hostile_files.py): how much its peak RSS grew decoding it. Whole,
     # an 8 MP RGBA PNG took 150 MB (RGBA, background, blend, RGB and numpy's copy) and a palette one 130 MB.
     measured = measure(fmt, mode, options, megapixels, tmp_path)
     assert measured["outcome"] == "decoded", measured

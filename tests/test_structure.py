@@ -9,7 +9,11 @@ import io
 import pytest
 from PIL import Image
 
-from benchmarks.decode_cost import (
+from service import structure
+from service.errors import ImageTooLarge, InvalidImage
+from service.imaging import preprocess
+from service.manifest import Preprocessing
+from tests.hostile_files import (
     gif_with_comment_blocks,
     jpeg_in_component_scans,
     jpeg_with_scans,
@@ -17,10 +21,6 @@ from benchmarks.decode_cost import (
     tiff_in_one_tile,
     tiff_with_strips,
 )
-from service import structure
-from service.errors import ImageTooLarge, InvalidImage
-from service.imaging import preprocess
-from service.manifest import Preprocessing
 
 SPEC = Preprocessing(height=30, width=40)
 PIXELS = 40_000_000
