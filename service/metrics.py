@@ -83,6 +83,15 @@ class Metrics:
         self.model = Gauge(
             "model_info", "The served model (value is 1)", ["name", "sha256", "quantization", "trained"], registry=r
         )
+        self.connections_open = Gauge("http_connections_open", "Open client connections", registry=r)
+        self.connections_closed = Counter(
+            "http_connections_closed",
+            "Connections the service closed before a request or between two, by reason: header_deadline (the "
+            "request line and headers too slow), idle (keep-alive timeout), budget (displaced: the descriptor "
+            "budget was full), refused (503: the budget was full of requests in progress)",
+            ["reason"],
+            registry=r,
+        )
         self.model_loads = Counter(
             "model_loads",
             "Models loaded without a restart (POST /v2/repository/models/{name}/load, SIGHUP), by outcome",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from types import FrameType
@@ -11,6 +12,8 @@ from starlette.applications import Starlette
 from uvicorn.config import STARTUP_FAILURE
 
 from service.app import create_app
+from service.connections import Connections, budget_for, raise_descriptor_limit
+from service.metrics import Metrics
 from service.model import Classifier
 from service.protocol import HttpProtocol
 from service.settings import Settings
@@ -36,7 +39,17 @@ class Server(uvicorn.Server):
             self.should_exit = True
 
 
+log = logging.getLogger("service")
+
 CANNOT_LISTEN = 4  # the exit code when uvicorn cannot start; its own, 3, says a bad artifact here
+
+
+def _connections(metrics: Metrics) -> Connections:
+    limits = raise_descriptor_limit()
+    budget = budget_for(limits.soft)
+    log.info("descriptor limit %d (hard %d): up to %d open connections", limits.soft, limits.hard, budget)
+    closed = metrics.connections_closed
+    return Connections(budget, metrics.connections_open.set, lambda reason: closed.labels(reason).inc())
 
 
 def serve(settings: Settings, classifier: Classifier) -> int:
@@ -50,8 +63,9 @@ def serve(settings: Settings, classifier: Classifier) -> int:
         access_log=False,
         # No WebSocket routes; "auto" would import wsproto at start-up (20 ms of the cold start).
         ws="none",
-        # A request uvicorn cannot parse is answered in JSON like every other error (service/protocol.py).
-        http=HttpProtocol,
+        # A request uvicorn cannot parse is answered in JSON like every other error; headers have a deadline,
+        # connections a budget (service/protocol.py).
+        http=HttpProtocol.guarded(settings.request_read_timeout_s, _connections(app.state.metrics)),
         # Above the idle timeouts of common load balancers (60 s): uvicorn's 5 s makes a proxy reuse a
         # connection the server has just closed, and the client gets a 502 (kserve/kserve#5446).
         timeout_keep_alive=settings.timeout_keep_alive_s,

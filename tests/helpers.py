@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -142,13 +143,20 @@ class Server:
 
 
 def start_service(
-    model_dir: Path, log: Path, python: str = sys.executable, cwd: str | None = None, **env: str
+    model_dir: Path,
+    log: Path,
+    python: str = sys.executable,
+    cwd: str | None = None,
+    max_files: int | None = None,
+    **env: str,
 ) -> Server:
+    """`python -m service` on a free port; `max_files`: its descriptor limit, soft and hard (as `prlimit`)."""
     port = free_port()
     environment = {**os.environ, "MODEL_DIR": str(model_dir), "HOST": "127.0.0.1", "PORT": str(port), **env}
+    limit = None if max_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [python, "-m", "service"], cwd=cwd or ROOT, env=environment, stdout=sink, stderr=sink
+            [python, "-m", "service"], cwd=cwd or ROOT, env=environment, stdout=sink, stderr=sink, preexec_fn=limit
         )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 60
@@ -175,8 +183,8 @@ def stop_service(server: Server) -> int:
 
 
 @contextmanager
-def running_service(model_dir: Path, log: Path, **env: str) -> Iterator[Server]:
-    server = start_service(model_dir, log, **env)
+def running_service(model_dir: Path, log: Path, max_files: int | None = None, **env: str) -> Iterator[Server]:
+    server = start_service(model_dir, log, max_files=max_files, **env)
     try:
         yield server
     finally:

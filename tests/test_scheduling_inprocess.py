@@ -24,7 +24,7 @@ import pytest
 from service.deadline import Deadline
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage, Overloaded
 from service.metrics import Metrics
-from service.scheduler import Job, Scheduler
+from service.scheduler import Decode, Job, Scheduler
 from tests.helpers import GatedClassifier, until
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "dark": (10, 10, 10)}
@@ -760,3 +760,36 @@ def test_a_run_that_ends_after_its_event_loop_logs_nothing(
         engine.gate.set()
     scheduler._pool.shutdown(wait=True)
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+def test_a_shutdown_answers_images_whose_decoding_has_not_started(engine: RecordingClassifier) -> None:
+    # The drain holds for images still encoded in the queue: close() waits for the decoder to take every one and
+    # for the workers to answer it (without the queue's join, close() found the engine and the ready queue empty
+    # and stopped the decoder and the workers under them: the request was never answered).
+    release = threading.Event()
+    started: list[str] = []
+
+    def held(name: str) -> Decode:
+        def decode() -> np.ndarray:
+            started.append(name)
+            assert release.wait(TIMEOUT_S)
+            return _pixels(name)
+
+        return decode
+
+    async def scenario() -> list[str]:
+        scheduler, _ = _scheduler(max_queue=8, decoders=1)
+        scheduler.start()
+        names = ["red", "green", "blue"]
+        request = asyncio.ensure_future(scheduler.infer(engine, [held(n) for n in names], Deadline.after(TIMEOUT_S)))
+        await until(lambda: started == ["red"], "the decoder holding the first image, the others undecoded")
+        closing = asyncio.ensure_future(scheduler.close())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert started == ["red"] and not closing.done()
+        release.set()
+        rows = await asyncio.wait_for(request, TIMEOUT_S)
+        await asyncio.wait_for(closing, TIMEOUT_S)
+        return _classes(engine, rows)
+
+    assert asyncio.run(scenario()) == ["red", "green", "blue"]
