@@ -142,7 +142,7 @@ def _pod_contract(pod: dict[str, Any], container: dict[str, Any]) -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    # A read-only root needs a writable /tmp for Starlette's spooled uploads.
+    # A read-only root with a writable /tmp for what a library may write there (uploads stay in memory).
     tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
     assert tmp and any(v["name"] == tmp[0]["name"] and "emptyDir" in v for v in pod["volumes"])
     env = _env(container)
@@ -197,7 +197,7 @@ def test_inference_service_matches_the_kserve_schema(kserve_validator: jsonschem
     predictor = isvc["spec"]["predictor"]
     _pod_contract(predictor, predictor["containers"][0])
     assert predictor["containers"][0]["name"] == "kserve-container"
-    # The Open Inference Protocol endpoints do not exist yet: no protocolVersion anywhere.
+    # A custom container: protocolVersion belongs to the model-format runtimes, whichever protocols it speaks.
     assert "protocolVersion" not in json.dumps(isvc)
 
 

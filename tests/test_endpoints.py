@@ -1,6 +1,7 @@
 """The routes' answers, in-process: the real app and lifespan, a real tiny onnxruntime model, over ASGI.
 
-Fast enough to run once per mutant (docs/mutation.md); tests/test_http.py checks the same over real HTTP.
+Fast enough to run once per mutant (docs/security.md, "Mutation testing"); tests/test_http.py checks the same
+over real HTTP.
 """
 
 from __future__ import annotations

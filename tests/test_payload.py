@@ -1,7 +1,7 @@
 """Where /infer finds the image, in-process: every accepted form, every refusal, and the body limits to the byte.
 
 The real app with a real tiny onnxruntime model, driven over ASGI (no socket): fast enough to run once per
-mutant (docs/mutation.md). tests/test_http.py checks the same contract over real HTTP.
+mutant (docs/security.md, "Mutation testing"). tests/test_http.py checks the same contract over real HTTP.
 """
 
 from __future__ import annotations

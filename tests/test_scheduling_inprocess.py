@@ -4,7 +4,7 @@ session of the tiny test model behind a gate the test opens (tests.helpers.Gated
 test_serving.py drives the same code through the app; these tests reach states the app cannot reach on demand:
 two runs in the engine at once, a batch holding jobs of two models, a cancelled or expired job ahead of a live
 one in the same batch, a wide session, a caller with no disconnect watcher. Fast enough to run once per mutant
-(docs/mutation.md).
+(docs/security.md, "Mutation testing").
 """
 
 from __future__ import annotations
