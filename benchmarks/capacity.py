@@ -28,10 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import command_line, provenance, save
+from benchmarks.harness import RESULTS, ROOT, command_line, provenance, save
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 MIB = 1024 * 1024
 SYSTEM = "service-int8"
 OVERLOAD = "service-int8 at 4x overload"
@@ -225,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.capacity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rps", type=float, required=True, help="requests per second to serve")
     parser.add_argument("--p99-ms", type=float, required=True, help="p99 answer time to stay within")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="where latest.json is read from")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where latest.json is read from")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="capacity")
     parser.add_argument("--spare", type=int, default=1, help="replicas beyond the load (N+1 by default)")
     parser.add_argument("--min-replicas", type=int, default=3, help="the HPA floor (deploy/k8s/hpa.yaml)")

@@ -1,26 +1,24 @@
 """Cold start, A/B: launch to the first answered `/infer`, many launches per variant, interleaved.
 
     python -m benchmarks.cold_start --variant "@HEAD~1" --variant ""     # about 1 minute
+    python -m benchmarks.cold_start --variant @cb12cb5 --variant "" --launches 10 --name cold-start
     python -m benchmarks.cold_start --variant "" --launches 3 --out /tmp/x
     python -m benchmarks.cold_start --variant "" --naive                  # ours beside the naive server
     python -m benchmarks.cold_start --variant "" --naive --imports        # and the imports alone: the floor
 
-The same measurement as the cold-start column of `python -m benchmarks.run` (benchmarks.run.start: launch
-`python -m service` on the committed artifact, post one JPEG until it is answered), repeated: one launch
-is one sample of a figure that moves by tens of milliseconds with the machine's load. Variants are given
-as in benchmarks.ab (environment settings and/or `@REV` for another revision's `service/`). Round 0 runs
-every variant once uncounted, so the page cache is warm for all; then each round launches every variant
-once, in alternating order. With --naive, the naive reference server (benchmarks/baselines/naive_server.py,
-the yardstick of benchmarks.sweep) is launched in every round too, as one more variant. With --imports, so is
-a Python that only imports what any Starlette + onnxruntime server imports before it can answer (IMPORTS), timed
-from launch to the line it prints when done: the floor under every cold start measured beside it. Writes
-results/<name>.{json,md}.
+The cold-start column of `python -m benchmarks.run` (benchmarks.harness.start: launch `python -m service` on the
+committed artifact, post one JPEG until it is answered), repeated: one launch is one sample of a figure that moves
+by tens of milliseconds with the machine's load. Variants are given as in benchmarks.ab. Round 0 runs every
+variant once uncounted (the page cache is then warm for all); then each round launches every variant once, in
+alternating order. --naive adds the naive reference server (benchmarks/baselines/naive_server.py); --imports, a
+Python that only imports what any Starlette + onnxruntime server imports before it can answer (IMPORTS), timed to
+the line it prints when done: the floor under every cold start beside it. Writes benchmarks/results/<name>.{json,md}
+when given --name, else the same under benchmarks/.cache/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -32,47 +30,32 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import payloads
-from benchmarks.ab import Variant, add_variant_option, alternating, service_code
-from benchmarks.report import command_line, provenance, save
-from benchmarks.run import System, _free_port, local_env, start, stop
-from benchmarks.sweep import NAIVE, Contender
+from benchmarks.harness import (
+    Variant,
+    add_output_options,
+    add_variant_option,
+    cold_start_s,
+    command_line,
+    destination,
+    header,
+    launch_rounds,
+    naive_system,
+    provenance,
+    save,
+    service_code,
+    service_system,
+    spread,
+)
 
-HERE = Path(__file__).resolve().parent
+NAIVE = "naive"
 IMPORTS_ONLY = "imports only"
 # What the naive server imports before it can answer (uvicorn's launcher, Starlette, onnxruntime and numpy, Pillow
 # through the preprocessing), and nothing of ours: no server on this stack answers before these are imported.
-IMPORTS = (
-    "numpy",
-    "onnxruntime",
-    "PIL.Image",
-    "starlette.applications",
-    "starlette.requests",
-    "starlette.responses",
-    "starlette.routing",
-    "uvicorn",
-)
+IMPORTS: tuple[str, ...] = ("numpy", "onnxruntime", "PIL.Image", "starlette.applications", "starlette.requests")
+IMPORTS += ("starlette.responses", "starlette.routing", "uvicorn")
 
 
-def _time_to_first_answer(system: System, port: int, image: bytes, log: Path) -> float:
-    process, seconds = start(system, f"http://127.0.0.1:{port}", image, log)
-    stop(process)
-    return seconds
-
-
-def launch(variant: Variant, where: Path, image: bytes, log: Path) -> float:
-    """Seconds from launching the service to its first answered /infer; the server is stopped after."""
-    port = _free_port()
-    system = System(variant.label, [sys.executable, "-m", "service"], local_env(port) | variant.env, cwd=where)
-    return _time_to_first_answer(system, port, image, log)
-
-
-def launch_naive(image: bytes, log: Path) -> float:
-    """The same for the naive reference server (uvicorn, module-level session)."""
-    port = _free_port()
-    return _time_to_first_answer(Contender(NAIVE).system(port), port, image, log)
-
-
-def launch_imports_only(image: bytes, log: Path) -> float:
+def launch_imports_only(log: Path) -> float:
     """Seconds from launching a Python that imports IMPORTS to the line it prints once they are imported."""
     command = [sys.executable, "-c", f"import {', '.join(IMPORTS)}; print(flush=True)"]
     launched = time.perf_counter()
@@ -85,29 +68,22 @@ def launch_imports_only(image: bytes, log: Path) -> float:
 
 
 def summarize(labels: list[str], rounds: list[dict[str, float]]) -> list[dict[str, Any]]:
-    first = labels[0]
-    out = []
-    for label in labels:
-        values = [r[label] for r in rounds]
-        ratios = [r[label] / r[first] for r in rounds]
-        out.append(
-            {
-                "variant": label,
-                "median_s": round(statistics.median(values), 3),
-                "min_s": round(min(values), 3),
-                "max_s": round(max(values), 3),
-                "cold start / first (median of rounds)": round(statistics.median(ratios), 3),
-            }
-        )
-    return out
+    ratio = "cold start / first (median of rounds)"
+    return [
+        {
+            "variant": label,
+            **spread([r[label] for r in rounds]),
+            ratio: round(statistics.median(r[label] / r[labels[0]] for r in rounds), 3),
+        }
+        for label in labels
+    ]
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     first = result["summary"][0]["variant"]
     lines = [
-        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
-        f"available, Python {m['python']}. {len(result['rounds'])} counted launches per variant (after one "
+        f"{header(result)} {len(result['rounds'])} counted launches per variant (after one "
         "uncounted each); cold start = process launch to the first answered `/infer` (one 640x480 JPEG), "
         "committed artifact."
         + (
@@ -149,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--imports", action="store_true", help="launch a Python that only imports the stack, every round (the floor)"
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--name", default="cold_start")
+    add_output_options(parser, "cold_start")
     args = parser.parse_args(argv)
     variants: list[Variant] = args.variant
     if len({v.label for v in variants}) != len(variants):
@@ -159,24 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--launches must be at least 1")
 
     image = payloads.image_bytes()[0]
-    rounds: list[dict[str, float]] = []
-    loads: list[float] = []  # the machine's 1-minute load average after each counted round
     with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
         work = Path(tmp)
         code = service_code(variants, work)
-        launchers: list[tuple[str, Callable[[bytes, Path], float]]] = [
-            (v.label, partial(launch, v, code[v.label])) for v in variants
+        launchers: list[tuple[str, Callable[[Path], float]]] = [
+            (v.label, partial(cold_start_s, partial(service_system, v.label, v.env, code[v.label]), image))
+            for v in variants
         ]
         if args.naive:
-            launchers.append((NAIVE, launch_naive))
+            launchers.append((NAIVE, partial(cold_start_s, naive_system, image)))
         if args.imports:
             launchers.append((IMPORTS_ONLY, launch_imports_only))
-        for i in range(args.launches + 1):
-            seconds = {label: run(image, work / f"{i}.log") for label, run in alternating(launchers, i)}
-            print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
-            if i:
-                rounds.append(seconds)
-                loads.append(round(os.getloadavg()[0], 2))
+        rounds, loads = launch_rounds(launchers, args.launches, work)
     result = {
         **provenance(command_line("python -m benchmarks.cold_start", argv)),
         "variants": [label for label, _ in launchers],
@@ -184,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1min": loads,
         "summary": summarize([label for label, _ in launchers], rounds),
     }
-    save(args.out, args.name, result, markdown(result))
+    save(destination(args), args.name or "cold_start", result, markdown(result))
     return 0
 
 

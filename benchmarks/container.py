@@ -9,7 +9,8 @@ base from scripts/container-base, `podman build --format docker --pull=never --n
 `--baseline-rev REV` also builds the serve image from that revision's Dockerfile (on this tree's service/ and
 artifacts/) and reports its sizes beside: what a change to the Dockerfile saved. Cold start launches
 `podman run --rm --read-only --network host` of the serve image and `python -m service` of this tree, both on the
-committed artifact, interleaved (round 0 uncounted, as in benchmarks.cold_start). Writes results/<name>.{json,md}.
+committed artifact, interleaved (round 0 uncounted, as in benchmarks.cold_start). Writes
+benchmarks/results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -21,16 +22,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchmarks import payloads
-from benchmarks.ab import Variant, alternating
-from benchmarks.cold_start import launch
-from benchmarks.report import command_line, provenance, save
-from benchmarks.run import ROOT, System, _free_port, start, stop
+from benchmarks.harness import (
+    RESULTS,
+    ROOT,
+    System,
+    cold_start_s,
+    command_line,
+    launch_rounds,
+    provenance,
+    save,
+    service_system,
+    spread,
+)
 
-HERE = Path(__file__).resolve().parent
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
 BASE = "docker.io/library/python:3.11-slim-bookworm"
 SERVE, EXPORT, BASELINE = (
@@ -112,35 +121,24 @@ def package_sizes(tag: str) -> dict[str, float]:
     return {name: round(size / MB, 1) for name, size in sorted(raw.items(), key=lambda kv: -kv[1])}
 
 
-def container_launch(tag: str, image: bytes, log: Path) -> float:
-    """Seconds from `podman run` to the container's first answered /infer; podman forwards the SIGTERM after."""
-    port = _free_port()
+def container(tag: str, port: int) -> System:
+    """`podman run` of an image: its cold start ends at the container's first answered /infer, and podman forwards
+    the SIGTERM that stops it."""
     command = [*PODMAN, "run", "--rm", "--read-only", "--network", "host",
                "-e", f"PORT={port}", "-e", "HOST=127.0.0.1", "-e", "LOG_LEVEL=warning", tag]  # fmt: skip
-    process, seconds = start(System("container", command, {}), f"http://127.0.0.1:{port}", image, log)
-    stop(process)
-    return seconds
+    return System("container", command, {})
 
 
 def cold_starts(launches: int, image: bytes, work: Path) -> dict[str, Any]:
-    runs: dict[str, Any] = {
-        "container": lambda i: container_launch(SERVE, image, work / f"container-{i}.log"),
-        "venv": lambda i: launch(Variant(), ROOT, image, work / f"venv-{i}.log"),
-    }
-    rounds: list[dict[str, float]] = []
-    for i in range(launches + 1):
-        seconds = {name: runs[name](i) for name in alternating(list(runs), i)}
-        print(f"launch {i}{' (not counted)' if i == 0 else ''}: {seconds}", flush=True)
-        if i:
-            rounds.append(seconds)
-    summary = {}
-    for name in runs:
-        values = [r[name] for r in rounds]
-        summary[name] = {
-            "median_s": round(statistics.median(values), 3),
-            "min_s": round(min(values), 3),
-            "max_s": round(max(values), 3),
-        }
+    rounds, _ = launch_rounds(
+        [
+            ("container", partial(cold_start_s, partial(container, SERVE), image)),
+            ("venv", partial(cold_start_s, partial(service_system, "defaults", {}, ROOT), image)),
+        ],
+        launches,
+        work,
+    )
+    summary = {name: spread([r[name] for r in rounds]) for name in ("container", "venv")}
     ratio = statistics.median(r["container"] / r["venv"] for r in rounds)
     return {"rounds": rounds, "summary": summary, "container / venv (median of rounds)": round(ratio, 3)}
 
@@ -212,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.container", description=__doc__.split("\n\n")[0])
     parser.add_argument("--launches", type=int, default=8, help="counted cold starts of each (0: sizes only)")
     parser.add_argument("--baseline-rev", help="also build the serve image from this revision's Dockerfile")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="container")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -86,18 +86,6 @@ def _threads_running(
     return latencies_ms, time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def run_concurrently(
-    session: ort.InferenceSession, name: str, inputs: np.ndarray, workers: int, batch: int, seconds: float
-) -> tuple[list[float], float, float]:
-    """`workers` threads calling `run` on one shared session for `seconds`: (latencies ms, elapsed s, CPU s)."""
-
-    def feed(k: int) -> np.ndarray:
-        start = (k * batch) % (len(inputs) - batch + 1)
-        return inputs[start : start + batch]
-
-    return _threads_running(session, name, feed, workers, seconds)
-
-
 def _concurrent_result(mode: str, workers: int, latencies: list[float], elapsed: float, cpu_s: float) -> dict[str, Any]:
     return {
         "mode": mode,
@@ -110,7 +98,7 @@ def _concurrent_result(mode: str, workers: int, latencies: list[float], elapsed:
 
 def concurrent(artifact: Path, inputs: np.ndarray, workers: int, seconds: float) -> dict[str, Any]:
     session, name = _session(artifact, 1)
-    timed = run_concurrently(session, name, inputs, workers, 1, seconds)
+    timed = _threads_running(session, name, lambda k: inputs[k % len(inputs) : k % len(inputs) + 1], workers, seconds)
     return _concurrent_result(f"{workers} concurrent runs x 1 thread, batch 1", workers, *timed)
 
 

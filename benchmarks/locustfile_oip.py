@@ -6,7 +6,7 @@ same JPEGs as benchmarks/locustfile.py, each sent as a BYTES input with the bina
 A separate file, not a second class in locustfile.py: Locust runs every User class of the file it is given, so
 the multipart runs would start sending OIP requests too. Success, failure messages ("status NNN: ..."),
 BENCH_IMAGE_SET and PREFIX_failures.json are as in locustfile.py, whose listeners this file reuses. The request
-is named "/infer" in Locust's statistics, the row benchmarks.run reads, whatever the path.
+is named "/infer" in Locust's statistics, the row benchmarks.harness.locust reads, whatever the path.
 """
 
 from __future__ import annotations

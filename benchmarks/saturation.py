@@ -12,7 +12,7 @@ long run is a weak yardstick. Each round here measures, back to back on the same
 2. the engine with decoding: the same runs, each first decoding and resizing a JPEG with the service's
    own code (no HTTP), i.e. the most the service could reach if HTTP and the load generator were free,
 3. the service under Locust (same JPEGs, multipart, 8 users), with Locust on the same cores; its rate is
-   taken over a steady-state window counted by the service itself (benchmarks/window.py),
+   taken over a steady-state window counted by the service itself (benchmarks.harness.window),
 4. with --naive: the naive reference server (benchmarks/baselines/naive_server.py) under the same Locust load,
    its rate by Locust's count: whether "1.2x the naive server" (issue 12) fits under the engine-with-decoding
    bound at all (2: no HTTP, no load generator on the cores),
@@ -24,7 +24,7 @@ phase comes first, so round 0 does not pay for cold caches.
 Each phase also records CPU milliseconds per image (engine) or per answered request (service, by thread:
 inference, decode, event loop; and the Locust process). Those drift far less than throughput, and they
 show where the gap goes: the engine pays only for inference, the service also for everything around it.
-Writes results/saturation.{json,md}.
+Writes benchmarks/results/<name>.{json,md} (saturation by default: benchmarks.capacity reads it).
 """
 
 from __future__ import annotations
@@ -39,15 +39,23 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import engine, payloads, window
-from benchmarks.report import provenance, save
-from benchmarks.run import ROOT, service_under_load, under_load
-from benchmarks.sweep import NAIVE, Contender
+from benchmarks import engine, payloads
+from benchmarks.harness import (
+    RESULTS,
+    ROOT,
+    SETTLE_S,
+    TAIL_S,
+    command_line,
+    header,
+    naive_system,
+    provenance,
+    save,
+    service_under_load,
+    under_load,
+)
 from service.cpus import available_cpus
 from service.imaging import preprocess
 from service.manifest import Manifest
-
-HERE = Path(__file__).resolve().parent
 
 
 def _ceiling(artifact: Path, inputs: np.ndarray, cores: int, seconds: float) -> dict[str, Any]:
@@ -63,7 +71,7 @@ def _round(
     before = _ceiling(artifact, inputs, cores, seconds)
     decoding = engine.with_decoding(artifact, images, cores, seconds)
     load = service_under_load({}, images, load_s, work, f"round-{index}")
-    baseline = under_load(Contender(NAIVE).system, images, load_s, work, f"round-{index}-naive") if naive else None
+    baseline = under_load(naive_system, images, load_s, work, f"round-{index}-naive") if naive else None
     after = _ceiling(artifact, inputs, cores, seconds)
     ceiling = (before["images_per_s"] + after["images_per_s"]) / 2
     engine_cpu = (before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2
@@ -118,15 +126,14 @@ NAIVE_RATIOS = (
     "1.2 x naive / engine with decoding",
     "service (Locust's count) / naive",
 )
+ENGINE_CPU = ("engine per image", "engine with decoding per image")
 CPU_PARTS = ("inference", "decode", "event loop", "load generator", "all")
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
-    m = result["machine"]
     median = result["median"]
     lines = [
-        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
-        f"available, Python {m['python']}. Engine phases {result['seconds']} s, load phases {result['load_s']} s "
+        f"{header(result)} Engine phases {result['seconds']} s, load phases {result['load_s']} s "
         "(8 Locust users on the same cores as the server, 48 distinct JPEGs, multipart `image`); the service's "
         "rate is its steady-state window, counted by its own /metrics.",
         "",
@@ -186,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0, help="each engine phase")
     parser.add_argument("--load-seconds", type=int, default=20, help="each service phase")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="saturation")
     parser.add_argument("--naive", action="store_true", help="the naive reference server under the same load too")
     args = parser.parse_args(argv)
-    if args.load_seconds < window.SETTLE_S + window.TAIL_S + 4:
-        minimum = window.SETTLE_S + window.TAIL_S + 4
+    if args.load_seconds < SETTLE_S + TAIL_S + 4:
+        minimum = SETTLE_S + TAIL_S + 4
         parser.error(f"--load-seconds must be at least {minimum:g}: the steady-state window needs room")
 
     images = payloads.image_bytes()
@@ -201,10 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="saturation-") as tmp:
         work, naive = Path(tmp), args.naive
         rounds = [_round(i, inputs, images, args.seconds, args.load_seconds, work, naive) for i in range(args.rounds)]
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python -m benchmarks.saturation", *given])
+    cpu = [r["cpu_ms"] | r["cpu_ms"]["service per request"] for r in rounds]  # the engine's and the service's parts
     result = {
-        **provenance(command),
+        **provenance(command_line("python -m benchmarks.saturation", argv)),
         "seconds": args.seconds,
         "load_s": args.load_seconds,
         "rounds": rounds,
@@ -213,15 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in (*RATIOS, *(NAIVE_RATIOS if args.naive else ()))
             if all(r.get(k) is not None for r in rounds)
         },
-        "median_cpu_ms": {
-            **{
-                k: round(statistics.median(r["cpu_ms"][k] for r in rounds), 2)
-                for k in ("engine per image", "engine with decoding per image")
-            },
-            **{
-                k: round(statistics.median(r["cpu_ms"]["service per request"][k] for r in rounds), 2) for k in CPU_PARTS
-            },
-        },
+        "median_cpu_ms": {k: round(statistics.median(c[k] for c in cpu), 2) for k in (*ENGINE_CPU, *CPU_PARTS)},
     }
     save(args.out, args.name, result, markdown(result))
     return 0

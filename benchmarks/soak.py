@@ -4,7 +4,7 @@
     python -m benchmarks.soak --minutes 1      # proves the harness
 
 1. Saturation, measured briefly on a fresh `python -m service` (8 closed-loop Locust users, the steady-state
-   window of benchmarks/window.py), or read from a saturation result (--saturation-from).
+   window of benchmarks.harness.window), or read from a saturation result (--saturation-from).
 2. A fresh `python -m service` on the committed artifacts/, with an API key, under Locust users paced with
    `constant_throughput`: valid JPEGs (multipart, benchmarks/payloads.py) at RATE_FRACTION of the saturation
    rate, and on top of them, one in four requests, every bad input of the README's error table, each of
@@ -30,23 +30,30 @@ import tempfile
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass
-from io import BytesIO
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import psutil
-from PIL import Image
 from urllib3 import encode_multipart_formdata
 
 from benchmarks import payloads
-from benchmarks.report import command_line, provenance, save
-from benchmarks.run import ROOT, _free_port, local_env, service_under_load
+from benchmarks.harness import (
+    RESULTS,
+    ROOT,
+    command_line,
+    launch,
+    multipart_request,
+    provenance,
+    pyplot,
+    save,
+    service_system,
+    service_under_load,
+)
 from service.settings import Settings
 
-HERE = Path(__file__).resolve().parent
 IMAGE_SET = "large"
 VALID = "valid JPEG (multipart)"
 STALLED = "stalled upload"
@@ -68,11 +75,6 @@ class Probe:
     expected: int
 
 
-def _multipart(fields: dict[str, Any]) -> tuple[bytes, str]:
-    body, content_type = encode_multipart_formdata(fields)
-    return body, content_type
-
-
 def _png_header(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height pixels, followed by a tiny IDAT: a decompression bomb's
     signature, without the bomb."""
@@ -89,49 +91,30 @@ def probes(images: list[bytes], api_key: str, max_upload_bytes: int) -> list[Pro
     auth = {"Authorization": f"Bearer {api_key}"}
 
     def form(data: bytes, name: str = "image", filename: str = "car.jpg") -> tuple[dict[str, str], bytes]:
-        body, content_type = _multipart({name: (filename, data, "image/jpeg")})
+        body, content_type = encode_multipart_formdata({name: (filename, data, "image/jpeg")})
+        return {**auth, "Content-Type": content_type}, body
+
+    def raw(content_type: str, body: bytes) -> tuple[dict[str, str], bytes]:
         return {**auth, "Content-Type": content_type}, body
 
     jpeg = images[0]
-    text = BytesIO()
-    Image.new("RGB", (8, 8)).save(text, format="PNG")
+    no_boundary = b"--x\r\nContent-Disposition: form-data; name=image\r\n\r\nabc\r\n--x--\r\n"
+    bad_base64 = json.dumps({"image": "this is *not* base64!"}).encode()
+    wrong_key = {**form(jpeg)[0], "Authorization": "Bearer wrong"}
     bad = [
         Probe("not an image", "POST", "/infer", *form(b"this is not an image\n" * 50), 400),
         Probe("truncated JPEG", "POST", "/infer", *form(jpeg[: len(jpeg) // 2]), 400),
-        Probe("0 bytes", "POST", "/infer", {**auth, "Content-Type": "image/jpeg"}, b"", 400),
-        Probe(
-            "broken multipart",
-            "POST",
-            "/infer",
-            {**auth, "Content-Type": "multipart/form-data"},  # no boundary
-            b"--x\r\nContent-Disposition: form-data; name=image\r\n\r\nabc\r\n--x--\r\n",
-            400,
-        ),
-        Probe(
-            "oversized upload",
-            "POST",
-            "/infer",
-            {**auth, "Content-Type": "image/jpeg"},
-            b"\xff" * (max_upload_bytes + 1),
-            413,
-        ),
+        Probe("0 bytes", "POST", "/infer", *raw("image/jpeg", b""), 400),
+        Probe("broken multipart", "POST", "/infer", *raw("multipart/form-data", no_boundary), 400),
+        Probe("oversized upload", "POST", "/infer", *raw("image/jpeg", b"\xff" * (max_upload_bytes + 1)), 413),
         Probe("decompression bomb header", "POST", "/infer", *form(_png_header(50_000, 50_000), filename="b.png"), 413),
-        Probe("text/plain", "POST", "/infer", {**auth, "Content-Type": "text/plain"}, b"a car, please", 415),
+        Probe("text/plain", "POST", "/infer", *raw("text/plain", b"a car, please"), 415),
         Probe("multipart without image part", "POST", "/infer", *form(jpeg, name="picture"), 422),
-        Probe(
-            "bad base64",
-            "POST",
-            "/infer",
-            {**auth, "Content-Type": "application/json"},
-            json.dumps({"image": "this is *not* base64!"}).encode(),
-            422,
-        ),
+        Probe("bad base64", "POST", "/infer", *raw("application/json", bad_base64), 422),
         Probe("bad top_k", "POST", "/infer?top_k=0", *form(jpeg), 422),
         Probe("unknown route", "GET", "/no-such-route", auth, b"", 404),
         Probe("wrong method", "GET", "/infer", auth, b"", 405),
-        Probe(
-            "wrong API key", "POST", "/infer", {**form(jpeg)[0], "Authorization": "Bearer wrong"}, form(jpeg)[1], 401
-        ),
+        Probe("wrong API key", "POST", "/infer", wrong_key, form(jpeg)[1], 401),
     ]
     valid = [Probe(VALID, "POST", "/infer", *form(image), 200) for image in images]
     return bad + valid
@@ -258,50 +241,21 @@ class Sampler(threading.Thread):
             return math.nan
 
     def run(self) -> None:
+        processes = {"service": self.service, "generator": self.generator, "driver": self.me}
         while not self._done.wait(1.0):
-            machine = psutil.cpu_times()
+            m = psutil.cpu_times()
             try:
                 rss = self.service.memory_info().rss
             except psutil.Error:
                 break
-            self.samples.append(
-                {
-                    "at": time.time(),
-                    "rss_mb": rss / 2**20,
-                    "service_cpu_s": self._cpu(self.service),
-                    "generator_cpu_s": self._cpu(self.generator),
-                    "driver_cpu_s": self._cpu(self.me),
-                    "machine_busy_s": machine.user + machine.nice + machine.system + machine.irq + machine.softirq
-                    + machine.steal,
-                }
-            )  # fmt: skip
+            cpu = {f"{name}_cpu_s": self._cpu(process) for name, process in processes.items()}
+            busy = m.user + m.nice + m.system + m.irq + m.softirq + m.steal
+            self.samples.append({"at": time.time(), "rss_mb": rss / 2**20, **cpu, "machine_busy_s": busy})
 
     def stop(self) -> list[dict[str, float]]:
         self._done.set()
         self.join()
         return self.samples
-
-
-def start_service(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    base = local_env(port)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env={**os.environ, **base, **env}, stdout=sink, stderr=sink
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"the service was not ready within 120 s:\n{log.read_text()[-2000:]}")
 
 
 def saturation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -315,7 +269,7 @@ def saturation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         }
     print(f"saturation: {args.saturation_s} s of 8 closed-loop users on a fresh service...", flush=True)
     load = service_under_load({}, payloads.image_set(IMAGE_SET), args.saturation_s, work, "saturation")
-    reference = json.loads((HERE / "results" / "saturation.json").read_text())
+    reference = json.loads((RESULTS / "saturation.json").read_text())
     return {
         "answered_per_s": load["window"]["answered_per_s"],
         # For comparison only: another machine, or a calmer spell of this one.
@@ -325,7 +279,7 @@ def saturation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "created_at": reference["created_at"],
         },
         "source": f"measured here: {args.saturation_s} s, 8 closed-loop Locust users, steady-state window "
-        "(benchmarks/window.py) of a fresh service",
+        "(benchmarks.harness.window) of a fresh service",
         "locust": {k: load[k] for k in ("ok_per_s", "p50_ms", "p99_ms", "errors")},
     }
 
@@ -496,11 +450,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     samples = result["analysis"]["rss_mb"]["samples"]
     per_minute = result["analysis"]["per_minute"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
@@ -543,14 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--saturation-s", type=int, default=20, help="seconds of the saturation measurement")
     parser.add_argument("--saturation-from", type=Path, help="read saturation from a benchmarks.saturation result")
     parser.add_argument("--warmup-s", type=float, default=10, help="uncounted seconds of load before minute 1")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--name", default="soak", help="result file name (default: soak)")
     parser.add_argument("--note", action="append", default=[], help="a line added to the Markdown (repeatable)")
     args = parser.parse_args(argv)
 
     max_upload = Settings.from_env({}).max_upload_bytes
     api_key = "soak-" + os.urandom(8).hex()
-    all_probes = probes(payloads.image_set(IMAGE_SET), api_key, max_upload)
+    images = payloads.image_set(IMAGE_SET)
+    all_probes = probes(images, api_key, max_upload)
     expected = {p.name: p.expected for p in all_probes} | {STALLED: 408}
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         work = Path(tmp)
@@ -570,10 +521,15 @@ def main(argv: list[str] | None = None) -> int:
             "users": users,
         }
         print(f"soak: {json.dumps(load)}", flush=True)
-        service, url = start_service({"API_KEY": api_key}, work / "service.log")
-        try:
+        auth = {"headers": {"Authorization": f"Bearer {api_key}"}}
+        system_on = partial(service_system, "soak", {"API_KEY": api_key}, ROOT)
+        with launch(
+            lambda port: replace(system_on(port), request=lambda image: ("/infer", multipart_request(image)[1] | auth)),
+            images[0],
+            work / "service.log",
+        ) as service:
             spec = {
-                "url": url,
+                "url": service.url,
                 "api_key": api_key,
                 "max_upload_bytes": max_upload,
                 "users": users,
@@ -586,15 +542,12 @@ def main(argv: list[str] | None = None) -> int:
             # Locust gevent-patches the process, which must happen before ssl (httpx, urllib3) is imported.
             code = f"import locust; from benchmarks.soak import generate; generate({str(work / 'spec.json')!r})"
             generator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-            sampler = Sampler(service.pid, generator.pid)
+            sampler = Sampler(service.process.pid, generator.pid)
             sampler.start()
             if generator.wait() != 0:
                 raise RuntimeError(f"the load generator exited with {generator.returncode}")
             samples = sampler.stop()
-            alive = service.poll() is None
-        finally:
-            service.terminate()
-            service.wait(timeout=60)
+            alive = service.process.poll() is None
         generated = json.loads((work / "records.json").read_text())
         log_tail = (work / "service.log").read_text(errors="replace")[-3000:]
 

@@ -4,7 +4,7 @@
     python -m benchmarks.sweep --duration 20 --warmup 10 --name sweep-before
     python -m benchmarks.sweep --variant "" --variant "@HEAD~1" --sets large --levels 1 8
     python -m benchmarks.sweep --quick                          # 2 levels, short phases: proves the harness
-    python -m benchmarks.sweep --triton .venv-triton/bin/python # Triton as a third system (docs/triton.md)
+    python -m benchmarks.sweep --triton .venv-triton/bin/python # Triton as a third system (docs/benchmarks.md)
 
 At each concurrency level, each system in turn gets a fresh server (launch to first answer is recorded: a
 cold-start sample), an uncounted warm-up of `--warmup` s at that level, then `--duration` s of headless Locust
@@ -16,15 +16,14 @@ before), its peak RSS belongs to that level alone, and every launch adds a paire
 
 The systems: our service (`python -m service`, defaults, or each `--variant` given as in benchmarks.ab:
 settings and/or `@REV`) and the naive reference server (benchmarks/baselines/naive_server.py), both on the
-committed artifact. Per level and system: answered/s, p50/p90/p99 (Locust's), errors by kind (503 with
-Retry-After is load shedding; any other 5xx is a failure), peak RSS. The headline is the ratio table, ours
-over naive at each level, measured in the same round. Writes results/<name>.{json,md,png}.
+committed artifact. Per level and system: answered/s, p50/p90/p99 (of every request's own time), errors by
+kind (503 with Retry-After is load shedding; any other 5xx is a failure), peak RSS. The headline is the ratio
+table, ours over naive at each level, measured in the same round. Writes benchmarks/results/<name>.{json,md,png}
+when given --name, else the same under benchmarks/.cache/results/.
 
-With `--triton PYTHON` (a venv built from benchmarks/requirements-triton.txt), Triton Inference Server is a third
-system at every level, in the same alternation: benchmarks/baselines/triton_server.py, the same artifact and
-preprocessing behind a pytriton callable, loaded by Open Inference Protocol clients (benchmarks/locustfile_oip.py).
-Its peak RSS sums the whole process tree (the pytriton launcher, tritonserver, its Python-backend stubs), as
-for the other systems; the ratios then include ours over Triton. Benchmarks only: never in CI.
+With `--triton PYTHON` (a venv built from benchmarks/requirements-triton.txt), Triton Inference Server
+(benchmarks/baselines/triton_server.py, loaded through the Open Inference Protocol by benchmarks/locustfile_oip.py)
+is a third system at every level, in the same alternation (docs/benchmarks.md). Benchmarks only: never in CI.
 """
 
 from __future__ import annotations
@@ -36,31 +35,36 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cpu, payloads
-from benchmarks.ab import Variant, parse_variant, service_code
+from benchmarks import payloads
 from benchmarks.baselines import triton_server
 from benchmarks.baselines.triton_server import INFER_PATH, oip_request
-from benchmarks.report import command_line, provenance, save
-from benchmarks.run import (
+from benchmarks.harness import (
     ROOT,
-    Profile,
-    RssSampler,
     System,
-    _free_port,
+    Variant,
+    add_output_options,
+    add_variant_option,
+    alternating,
+    command_line,
+    destination,
     failures,
+    header,
+    launch,
+    load_phase,
     local_env,
-    locust,
-    multipart_request,
-    start,
-    stop,
+    naive_system,
+    provenance,
+    pyplot,
+    save,
+    service_code,
+    service_system,
     warm_up,
 )
 
-HERE = Path(__file__).resolve().parent
 LEVELS = (1, 2, 4, 8, 16, 32)
 QUICK_LEVELS = (1, 4)
 NAIVE = "naive"
@@ -70,28 +74,24 @@ KINDS = ("503 with Retry-After", "other 5xx", "no answer", "other")
 
 @dataclass(frozen=True)
 class Contender:
-    """A system in the sweep; `system(port)` is how benchmarks.run launches it on a given port."""
+    """A system in the sweep; `system(port)` launches it on a given port."""
 
     name: str
     variant: Variant | None = None  # ours: the service settings/revision; None: the naive server
     code: Path = ROOT
-    env: dict[str, str] = field(default_factory=dict)
     triton_python: str | None = None  # Triton: the python of its own venv (benchmarks/requirements-triton.txt)
 
     def system(self, port: int) -> System:
-        base = local_env(port)
         if self.triton_python is not None:
             command = [self.triton_python, "-m", "benchmarks.baselines.triton_server", "--port", str(port)]
-            return System(self.name, command, base, cwd=ROOT, request=triton_request, locustfile="locustfile_oip.py")
+            return System(self.name, command, local_env(port), request=triton_request, locustfile="locustfile_oip.py")
         if self.variant is None:
-            command = [sys.executable, "-m", "uvicorn", "benchmarks.baselines.naive_server:app"]
-            command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-            return System(self.name, command, base, cwd=ROOT)
-        return System(self.name, [sys.executable, "-m", "service"], base | self.variant.env, cwd=self.code)
+            return naive_system(port)
+        return service_system(self.name, self.variant.env, self.code, port)
 
 
 def triton_request(image: bytes) -> tuple[str, dict[str, Any]]:
-    """benchmarks.run's request hook for Triton: the OIP request benchmarks/locustfile_oip.py sends."""
+    """The harness's request hook for Triton: the OIP request benchmarks/locustfile_oip.py sends."""
     body, headers = oip_request(image)
     return INFER_PATH, {"content": body, "headers": headers}
 
@@ -109,7 +109,9 @@ def triton_version(python: str) -> str:
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     if done.returncode != 0:
-        raise SystemExit(f"--triton {python}: cannot import pytriton there (docs/triton.md):\n{done.stderr[-1500:]}")
+        raise SystemExit(
+            f"--triton {python}: cannot import pytriton there (docs/benchmarks.md):\n{done.stderr[-1500:]}"
+        )
     return done.stdout.strip()
 
 
@@ -135,43 +137,25 @@ def error_kinds(prefix: Path) -> dict[str, int]:
 
 
 def measure(
-    contender: Contender,
-    image_set: str,
-    images: list[bytes],
-    users: int,
-    args: argparse.Namespace,
-    work: Path,
-    tag: str,
+    system: Contender, image_set: str, images: list[bytes], users: int, args: argparse.Namespace, work: Path, tag: str
 ) -> dict[str, Any]:
     """One point: a fresh server, its cold start, warm-up at `users`, then Locust with `users` for --duration."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    tag = f"{tag}-{image_set}-{users}-{contender.name}".replace(" ", "_").replace("/", "_").replace("@", "")
-    system = contender.system(port)
+    tag = f"{tag}-{image_set}-{users}-{system.name}".replace(" ", "_").replace("/", "_").replace("@", "")
     launch_failures: list[str] = []
     while True:
         try:
-            process, cold_start = start(system, url, images[0], work / f"{tag}.log")
+            server = launch(system.system, images[0], work / f"{tag}.log")
             break
         except RuntimeError as exc:
             # pytriton's start sometimes loses the race with its own Python backend's handshake ("Connection
             # refused" in model.py's initialize) and exits: launched once more, and the point says so. Ours and
             # the naive server never get a second launch: one that fails to start stops the sweep.
-            if contender.triton_python is None or launch_failures:
+            if system.triton_python is None or launch_failures:
                 raise
             launch_failures.append(str(exc).splitlines()[0])
-    try:
-        warm_up(url, images, users, args.warmup, request=system.request or multipart_request)
-        sampler = RssSampler(process.pid)
-        sampler.start()
-        profile = Profile(users=users, duration_s=args.duration, warmup_s=0, engine_s=0)
-        before = cpu.snapshot(process.pid)
-        env = {"BENCH_IMAGE_SET": image_set}
-        load = locust(url, profile, users, work / tag, env=env, locustfile=system.locustfile)
-        after = cpu.snapshot(process.pid)
-        rss = sampler.stop()
-    finally:
-        stop(process)
+    with server:
+        warm_up(server.url, images, users, args.warmup, request=server.system.request)
+        load = load_phase(server, users, args.duration, work / tag, env={"BENCH_IMAGE_SET": image_set})
     return {
         "answered_per_s": load["ok_per_s"],
         "requests": load["requests"],
@@ -182,13 +166,13 @@ def measure(
         "p90_ms": load["p90_ms"],
         "p99_ms": load["p99_ms"],
         "p99_over_p50": load["p99_over_p50"],
-        "peak_rss_mb": rss["peak_mb"],
-        "cold_start_s": round(cold_start, 3),
+        "peak_rss_mb": load["rss"]["peak_mb"],
+        "cold_start_s": round(server.cold_start_s, 3),
         **({"launch_failures": launch_failures} if launch_failures else {}),
         # How busy the shared machine was: other work on these cores skews a point (and a spinning engine more).
-        "machine_idle": cpu.machine_idle(before, after),
+        "machine_idle": load["machine_idle"],
         "load_average_1min": round(os.getloadavg()[0], 2),
-        "other_work_cores": cpu.other_work(before, after),
+        "other_work_cores": load["other_work_cores"],
     }
 
 
@@ -201,17 +185,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-METRICS = (
-    "answered_per_s",
-    "p50_ms",
-    "p90_ms",
-    "p99_ms",
-    "p99_over_p50",
-    "peak_rss_mb",
-    "cold_start_s",
-    "load_average_1min",
-    "other_work_cores",
-)
+METRICS: tuple[str, ...] = ("answered_per_s", "p50_ms", "p90_ms", "p99_ms", "p99_over_p50", "peak_rss_mb")
+METRICS += ("cold_start_s", "load_average_1min", "other_work_cores")
+RATIO_METRICS = ("answered_per_s", "p50_ms", "p99_ms", "peak_rss_mb")
+
+
+def _same_round(group: list[dict[str, Any]], name: str, reference: str) -> dict[str, float | None]:
+    """`name` over `reference`, metric by metric: the median of the ratios of points measured in the same round."""
+    theirs = {p["round"]: p for p in group if p["system"] == reference}
+    paired = [(p, theirs[p["round"]]) for p in group if p["system"] == name and p["round"] in theirs]
+    return {f"{m} / {reference}": _median(_ratio(a[m], b[m]) for a, b in paired) for m in RATIO_METRICS}
 
 
 def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -228,34 +211,11 @@ def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
             row["errors_by_kind"] = {k: sum(p["errors_by_kind"][k] for p in mine) for k in KINDS}
             row["requests"] = sum(p["requests"] for p in mine)
             summary.append(row)
-        naive = {p["round"]: p for p in group if p["system"] == NAIVE}
-        for name in names:
-            if name == NAIVE:
-                continue
-            paired = [(p, naive[p["round"]]) for p in group if p["system"] == name and p["round"] in naive]
-            ratios.append(
-                {
-                    "set": image_set,
-                    "users": users,
-                    "system": name,
-                    **{
-                        f"{m} / naive": _median(_ratio(a[m], b[m]) for a, b in paired)
-                        for m in ("answered_per_s", "p50_ms", "p99_ms", "peak_rss_mb")
-                    },
-                }
-            )
-        triton = {p["round"]: p for p in group if p["system"] == TRITON}
-        for name in names if triton else []:
-            if name in (NAIVE, TRITON):
-                continue
-            paired = [(p, triton[p["round"]]) for p in group if p["system"] == name and p["round"] in triton]
-            to_triton.append(
-                {"set": image_set, "users": users, "system": name}
-                | {
-                    f"{m} / triton": _median(_ratio(a[m], b[m]) for a, b in paired)
-                    for m in ("answered_per_s", "p50_ms", "p99_ms", "peak_rss_mb")
-                }
-            )
+        point = {"set": image_set, "users": users}
+        ratios += [point | {"system": n} | _same_round(group, n, NAIVE) for n in names if n != NAIVE]
+        if any(p["system"] == TRITON for p in group):
+            ours = [n for n in names if n not in (NAIVE, TRITON)]
+            to_triton += [point | {"system": n} | _same_round(group, n, TRITON) for n in ours]
     cold = []
     for name in names:
         values = [p["cold_start_s"] for p in points if p["system"] == name]
@@ -329,7 +289,7 @@ BUSY_CORES = 0.25  # other work beyond this, on a median point, is enough to mov
 
 
 def _at_least_0(value: float | None) -> float | None:
-    return None if value is None else max(0.0, value)  # the JSON keeps the signed reading (cpu.other_work)
+    return None if value is None else max(0.0, value)  # the JSON keeps the signed reading (harness.other_work)
 
 
 def _busy_machine_warning(result: dict[str, Any]) -> list[str]:
@@ -350,8 +310,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     sets = ", ".join(f"{s}: {len(v['sizes'])} sizes {'/'.join(v['sizes'])}" for s, v in result["sets"].items())
     lines = [
-        f"Command: `{result['command']}` ({result['created_at']}); {m['cpu']}, {m['cores_available']} cores "
-        f"available, Python {m['python']}.",
+        header(result),
         f"Each point: a fresh server, launch to first answer (its cold start), {result['warmup_s']} s uncounted "
         f"warm-up at that concurrency, then {result['duration_s']} s of headless Locust (FastHttpUser, closed loop, "
         f"no think time) on the same cores; {result['rounds']} round(s); the two systems alternate order at each "
@@ -369,16 +328,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
             if p.get("launch_failures")
         ],
         "",
-        "**Ours / naive, same round** (throughput > 1 and latency < 1 favour ours):",
-        "",
-        "| image set | clients | system | answered/s ratio | p50 ratio | p99 ratio | peak RSS ratio |",
-        "|---|---|---|---|---|---|---|",
+        *_ratio_table(result["ratios"], NAIVE, "naive"),
     ]
-    for r in result["ratios"]:
-        lines.append(
-            f"| {r['set']} | {r['users']} | {r['system']} | **{_f(r['answered_per_s / naive'], 3)}** | "
-            f"**{_f(r['p50_ms / naive'], 3)}** | {_f(r['p99_ms / naive'], 3)} | {_f(r['peak_rss_mb / naive'], 3)} |"
-        )
     lines += _triton_lines(result)
     for image_set in result["sets"]:
         lines += [
@@ -430,7 +381,7 @@ def _triton_lines(result: dict[str, Any]) -> list[str]:
     if "triton" not in result:
         return []
     t = result["triton"]
-    lines = [
+    return [
         "",
         f"**Triton** (the `triton` rows; in the table above, Triton / naive): nvidia-pytriton {t['pytriton']} "
         f"({t['python']}), benchmarks/baselines/triton_server.py: {t['setup']}. The three systems alternate "
@@ -441,17 +392,20 @@ def _triton_lines(result: dict[str, Any]) -> list[str]:
         "launcher (our callables and their onnxruntime sessions), tritonserver, and its Python-backend stub "
         "processes. Pages shared between them (libraries, the shared-memory tensor pools) count once per process.",
         "",
-        "**Ours / Triton, same round** (throughput > 1 and latency < 1 favour ours):",
+        *_ratio_table(result.get("ratios_to_triton", []), TRITON, "Triton"),
+    ]
+
+
+def _ratio_table(rows: list[dict[str, Any]], reference: str, title: str) -> list[str]:
+    lines = [
+        f"**Ours / {title}, same round** (throughput > 1 and latency < 1 favour ours):",
         "",
         "| image set | clients | system | answered/s ratio | p50 ratio | p99 ratio | peak RSS ratio |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in result.get("ratios_to_triton", []):
-        lines.append(
-            f"| {r['set']} | {r['users']} | {r['system']} | **{_f(r['answered_per_s / triton'], 3)}** | "
-            f"**{_f(r['p50_ms / triton'], 3)}** | {_f(r['p99_ms / triton'], 3)} | "
-            f"{_f(r['peak_rss_mb / triton'], 3)} |"
-        )
+    for r in rows:
+        a, p50, p99, rss = (_f(r[f"{m} / {reference}"], 3) for m in RATIO_METRICS)
+        lines.append(f"| {r['set']} | {r['users']} | {r['system']} | **{a}** | **{p50}** | {p99} | {rss} |")
     return lines
 
 
@@ -460,12 +414,9 @@ TICKS_MS = [m * 10**e for e in range(0, 6) for m in (1, 2, 5)]
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
     """p50 (solid) and p99 (dashed) latency against throughput, one curve per system, one panel per image set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    plt = pyplot()
     sets = list(result["sets"])
     fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -507,9 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, help="uncounted warm-up seconds per point (default 10)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep; medians over rounds")
     parser.add_argument("--sets", nargs="+", choices=list(payloads.SETS), default=list(payloads.SETS))
-    parser.add_argument(
-        "--variant", action="append", type=parse_variant, help='ours, as in benchmarks.ab: "", "THREADS=4", "@HEAD~1"'
-    )
+    add_variant_option(parser, required=False)
     parser.add_argument("--quick", action="store_true", help="levels 1 and 4, 5 s points: proves the harness")
     parser.add_argument(
         "--triton",
@@ -517,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         help="add Triton (benchmarks/baselines/triton_server.py) run by this python, e.g. .venv-triton/bin/python "
         "(built as benchmarks/requirements-triton.txt says)",
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--name", help="result file name (default sweep, or sweep-quick with --quick)")
+    add_output_options(parser, "sweep, or sweep-quick with --quick")
     args = parser.parse_args(argv)
     args.levels = args.levels or list(QUICK_LEVELS if args.quick else LEVELS)
     args.duration = args.duration or (5 if args.quick else 20)
@@ -541,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             for image_set in args.sets:
                 for users in args.levels:
                     # A B, B A, ...: alternating at every (set, level), so drift favours neither system.
-                    order = systems if group % 2 == 0 else systems[::-1]
+                    order = alternating(systems, group)
                     group += 1
                     for position, contender in enumerate(order):
                         point = measure(contender, image_set, images[image_set], users, args, work, f"r{round_index}")
@@ -566,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         **summarize(points, names),
     }
     result["checks"] = checks(result)
-    save(args.out, name, result, markdown(result))
-    write_plot(result, args.out / f"{name}.png")
+    out = destination(args)
+    save(out, name, result, markdown(result))
+    write_plot(result, out / f"{name}.png")
     return 0
 
 

@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from benchmarks import cpu
-from benchmarks.ab import GIT, checkout_service, parse_variant
+from benchmarks import harness
+from benchmarks.harness import GIT, System, checkout_service, local_env, parse_variant, start, stop
 from benchmarks.payloads import image_set
-from benchmarks.run import System, local_env, start, stop
 from benchmarks.sweep import error_kinds
 from tests.helpers import ROOT, free_port, image_bytes
 from tests.system import IN_CI
@@ -185,32 +184,6 @@ def test_ab_variants_parse_settings_and_refuse_junk() -> None:
             parse_variant(junk)
 
 
-def test_libraries_profiles_the_service_by_thread_and_library(tmp_path: Path) -> None:
-    data = _run_benchmark(
-        "libraries", "--variant", "", "--rounds", "1", "--seconds", "12", out=tmp_path, result="libraries"
-    )
-    ((run,),) = [list(r["runs"].values()) for r in data["rounds"]]
-    assert run["errors"] == 0 and run["window"]["answered"] > 0, run
-    (summary,) = data["summary"]
-    cells = summary["ms_per_request"]
-    # Each thread role is told apart, and each spends its time where its work is: the engine in onnxruntime,
-    # the decoder in libjpeg (the committed images are JPEGs), the event loop in Python.
-    assert cells["inference"]["onnxruntime"] > cells["inference"].get("libjpeg", 0.0), cells
-    assert cells["decode"]["libjpeg"] > cells["decode"].get("onnxruntime", 0.0), cells
-    assert cells["event loop"]["python"] > cells["event loop"].get("onnxruntime", 0.0), cells
-    assert "| defaults | inference |" in (tmp_path / "libraries.md").read_text()
-
-
-def test_preprocess_stages_are_timed(tmp_path: Path) -> None:
-    data = _run_benchmark("preprocess", "--repeats", "1", out=tmp_path, result="preprocess")
-    stages = data["ms_per_image"]
-    assert set(stages) == {"header", "decode", "resize", "total"}
-    assert all(stages[s] > 0 for s in ("header", "decode", "resize")), stages
-    assert stages["total"] == pytest.approx(stages["header"] + stages["decode"] + stages["resize"], abs=0.01)
-    assert data["images"] == 48 and "| decode |" in (tmp_path / "preprocess.md").read_text()
-    assert data["command"] == f"python -m benchmarks.preprocess --repeats 1 --out {tmp_path}"
-
-
 @pytest.mark.usefixtures("git_checkout")
 def test_cold_start_launches_each_variant_and_the_naive_server(tmp_path: Path) -> None:
     variants = ("--variant", "", "--variant", "@HEAD WORKERS=1", "--naive", "--imports")
@@ -231,7 +204,7 @@ def test_a_launched_service_runs_from_bytecode_even_where_python_may_not_write_i
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As the image (compiled at build) and a clone (written on its first start) run it; not compiled again
-    # at every launch, as PYTHONDONTWRITEBYTECODE would have it (benchmarks/results/cold-start-bytecode-2.md).
+    # at every launch, as PYTHONDONTWRITEBYTECODE would have it (5% longer to the first answer).
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # the launched server inherits it: it writes nothing
     shutil.copytree(ROOT / "service", tmp_path / "service", ignore=shutil.ignore_patterns("__pycache__"))
     port = free_port()
@@ -275,11 +248,11 @@ _BURN = "import sys, time\nwhile time.process_time() < float(sys.argv[1]): pass"
 
 
 def test_other_work_is_the_machines_busy_time_less_the_servers_and_the_benchmarks() -> None:
-    ticks = cpu._TICKS
-    before = cpu.Snapshot(10.0, {}, machine_idle=0, machine_total=0, process_s=5.0, benchmark_s=1.0)
+    ticks = harness.TICKS
+    before = harness.Snapshot(10.0, {}, machine_idle=0, machine_total=0, process_s=5.0, benchmark_s=1.0)
     # 2 s of wall, 4 s of busy machine (1 idle s of 5): the server spent 1.5 s, the benchmark 0.5 s.
-    after = cpu.Snapshot(12.0, {}, machine_idle=1 * ticks, machine_total=5 * ticks, process_s=6.5, benchmark_s=1.5)
-    assert cpu.other_work(before, after) == 1.0
+    after = harness.Snapshot(12.0, {}, machine_idle=1 * ticks, machine_total=5 * ticks, process_s=6.5, benchmark_s=1.5)
+    assert harness.other_work(before, after) == 1.0
 
 
 def test_the_server_tree_and_the_benchmark_children_are_counted_as_theirs() -> None:
@@ -297,12 +270,12 @@ def test_the_server_tree_and_the_benchmark_children_are_counted_as_theirs() -> N
         [sys.executable, "-c", server_script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     ) as server:
         assert server.stdin is not None and server.stdout is not None
-        before = cpu.snapshot(server.pid)
+        before = harness.snapshot(server.pid)
         server.stdin.write("go\n")
         server.stdin.flush()
         server.stdout.readline()  # the living child has burnt its 0.3 s and waits
         subprocess.run([sys.executable, "-c", _BURN, "0.3"], check=True)  # the load generator
-        after = cpu.snapshot(server.pid)
+        after = harness.snapshot(server.pid)
         server.stdin.write("\n")  # the living child's input(): it ends, then the server
         server.stdin.flush()
     assert server.returncode == 0
@@ -316,19 +289,19 @@ def test_other_work_sees_a_neighbour() -> None:
     idle_server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         time.sleep(0.3)  # both interpreters started
-        before = cpu.snapshot(idle_server.pid)
+        before = harness.snapshot(idle_server.pid)
         time.sleep(1.0)
-        after = cpu.snapshot(idle_server.pid)
+        after = harness.snapshot(idle_server.pid)
     finally:
         for process in (neighbour, idle_server):
             process.kill()
             process.wait()
     # A busier machine only reads more: the neighbour alone is one core.
-    assert cpu.other_work(before, after) > 0.5, "a neighbour burning a core went unseen"
+    assert harness.other_work(before, after) > 0.5, "a neighbour burning a core went unseen"
 
 
 def test_latency_percentiles_come_from_every_request_time(tmp_path: Path) -> None:
-    from benchmarks.run import response_time_percentiles
+    from benchmarks.harness import response_time_percentiles
 
     prefix = tmp_path / "point"
     assert response_time_percentiles(prefix) == {}  # another locustfile: Locust's own percentiles then
@@ -336,37 +309,6 @@ def test_latency_percentiles_come_from_every_request_time(tmp_path: Path) -> Non
     assert response_time_percentiles(prefix) == {50: 50.0, 90: 90.0, 95: 95.0, 99: 99.0}
     (tmp_path / "point_times.json").write_text(json.dumps([14.21, 13.87, 14.02]))
     assert response_time_percentiles(prefix)[50] == 14.02
-
-
-def test_lone_request_alternates_blocks_and_says_where_the_time_goes(tmp_path: Path) -> None:
-    args = ("--rounds", "3", "--block", "3", "--warmup", "2")
-    data = _run_benchmark("lone_request", *args, out=tmp_path, result="lone-request")
-    assert [s["system"] for s in data["systems"]] == ["service", "naive"]
-    # Each round sends a block to each system, in the order reversed from one round to the next.
-    assert [list(r) for r in data["rounds"]] == [["service", "naive"], ["naive", "service"], ["service", "naive"]]
-    for system in data["systems"]:
-        assert system["requests"] == 9 and 0 < system["p50_ms"] <= system["p90_ms"], system
-        assert sum(system["cpu_ms_per_request"].values()) > 0, system
-    ours = data["systems"][0]
-    assert set(ours["inside_ms"]) == {"decode_ms", "engine_run_ms", "request_ms"}
-    assert all(value > 0 for value in ours["inside_ms"].values()), ours
-    assert "inside_ms" not in data["systems"][1]
-    (ratio,) = data["ratios"]
-    assert ratio["system"] == "service" and len(ratio["rounds"]) == 3 and ratio["p50 / naive, median of rounds"] > 0
-    low, high = ratio["95% interval of that median (bootstrap over rounds)"]
-    assert min(ratio["rounds"]) <= low <= ratio["p50 / naive, median of rounds"] <= high <= max(ratio["rounds"])
-    assert "**Ours / naive**" in (tmp_path / "lone-request.md").read_text()
-
-
-def test_the_lone_request_interval_narrows_with_more_rounds_and_is_seeded() -> None:
-    from benchmarks.lone_request import median_interval
-
-    assert median_interval([1.02] * 12) == (1.02, 1.02)
-    spread = [0.94, 0.97, 0.99, 1.0, 1.01, 1.03, 1.06, 1.08]  # rounds as spread as a small image's
-    few, many = median_interval(spread), median_interval(spread * 8)
-    assert few[0] < 1.005 < few[1] and many[0] < 1.005 < many[1]
-    assert few[1] - few[0] > many[1] - many[0] > 0
-    assert median_interval(spread) == few  # the same rounds, the same interval
 
 
 def test_sweep_sorts_failures_by_kind(tmp_path: Path) -> None:
@@ -403,31 +345,9 @@ def test_collecting_this_module_leaves_the_test_process_unpatched() -> None:
     assert "locust" not in sys.modules
 
 
-def test_startup_phases_are_timed(tmp_path: Path) -> None:
-    data = _run_benchmark("startup_phases", "--processes", "1", out=tmp_path, result="startup_phases")
-    steps = data["steps"]
-    # Overlapped as `python -m service` runs them: each mark after the ones it waits for.
-    (ended,) = data["overlapped_runs"]
-    imported, loaded, web, decoded, both = (
-        ended["numpy and onnxruntime imported (service.model)"],
-        ended["loader: artifact hashed, session built, warm-up run done"],
-        ended["main: web stack imported"],
-        ended["main: first decode done"],
-        ended["both done: the service starts uvicorn"],
-    )
-    assert 0 < imported < web < decoded <= both and imported < loaded <= both, ended
-    assert len(steps) == 9 and all(0 < s["min"] <= s["median"] <= s["max"] for s in steps.values()), steps
-    assert {"build the session", "warm-up run", "first decode of a JPEG"} <= set(steps)
-    assert "build the session" in (tmp_path / "startup_phases.md").read_text()
-
-
-def test_decode_cost_decodes_each_format_in_a_process_of_its_own(tmp_path: Path) -> None:
-    # 17 MP: past the ~14 MP of colour the default MAX_DECODE_BYTES allows a PNG decoded whole (a WebP: ~4 MP).
-    data = _run_benchmark("decode_cost", "--megapixels", "17", out=tmp_path, result="decode-cost")
-    outcome = {(r["format"], r["mode"]): r["outcome"] for r in data["images"]}
-    assert outcome[("PNG", "RGBA")] == outcome[("WEBP", "RGB")] == "413 image_too_large", outcome
-    assert outcome[("JPEG", "RGB")] == outcome[("TIFF", "1")] == outcome[("PNG", "P")] == "decoded", outcome
-    for image in data["images"]:
-        # What is decoded takes about its own size (17 MB at a byte a pixel): whole, the palette PNG took 270 MB.
-        assert 0 <= image["peak_rss_growth_mb"] < 60, image
-    assert "| PNG | RGBA | 4761x3571 |" in (tmp_path / "decode-cost.md").read_text()
+def test_a_run_writes_into_the_results_only_when_named(tmp_path: Path) -> None:
+    # An unnamed run checks something; it is not evidence to commit, so it stays out of benchmarks/results/.
+    named, unnamed = argparse.Namespace(out=None, name="x"), argparse.Namespace(out=None, name=None)
+    assert harness.destination(named) == harness.RESULTS and harness.destination(unnamed) == harness.SCRATCH
+    assert harness.destination(argparse.Namespace(out=tmp_path, name=None)) == tmp_path
+    assert subprocess.run(["git", "check-ignore", "-q", str(harness.SCRATCH)], cwd=ROOT).returncode == 0

@@ -11,7 +11,7 @@ Clients speak the Open Inference Protocol over HTTP: the JPEG as a BYTES input `
 binary tensor data extension, the softmax probabilities back as a binary FP32 output.
 
 Needs its own venv, built from Debian's Python (the bundled Python-backend stub links the system libpython),
-see benchmarks/requirements-triton.txt and docs/triton.md:
+see benchmarks/requirements-triton.txt and docs/benchmarks.md:
 
     .venv-triton/bin/python -m benchmarks.baselines.triton_server --port 4002
     python -m benchmarks.sweep --triton .venv-triton/bin/python
@@ -45,7 +45,7 @@ def settings(environ: Mapping[str, str]) -> dict[str, int]:
     values = {name: int(environ.get(name, default)) for name, default in DEFAULTS.items()}
     if values["TRITON_INTRA_OP_THREADS"] <= 0:
         # Two instances of onnxruntime's default (a thread per core each) put 4 threads on 2 cores: 27-31 answers/s
-        # at 8 clients, against 48 with one thread each (one check each, large set, under load; docs/triton.md).
+        # at 8 clients, against 48 with one thread each (one check each, large set, under load; docs/benchmarks.md).
         cores = len(os.sched_getaffinity(0))
         values["TRITON_INTRA_OP_THREADS"] = max(1, cores // max(1, values["TRITON_INSTANCES"]))
     return values
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return infer
 
-    # SIGTERM (benchmarks.run's stop) takes the same path as Ctrl-C: pytriton's serve() then stops tritonserver.
+    # SIGTERM (benchmarks.harness.stop) takes the same path as Ctrl-C: pytriton's serve() then stops tritonserver.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = TritonConfig(
         http_address=args.host,
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_grpc=False,
         allow_metrics=False,
         log_verbose=0,
-        # benchmarks.run's stop() kills the launcher after 30 s, which would orphan tritonserver: it must be gone
+        # benchmarks.harness.stop() kills the launcher after 30 s, which would orphan tritonserver: it must be gone
         # before that, in-flight requests or not (the sweep stops it only once Locust has finished).
         exit_timeout_secs=10,
     )
