@@ -1,6 +1,6 @@
 """Summarise a mutmut run: per module, mutants, checked, killed, timed out, survived, no tests, score; every survivor
 by name. Reads mutmut's own result files (mutants/service/*.py.meta), so run it from the repository root after
-`mutmut run` (docs/mutation.md):
+`mutmut run` (docs/security.md):
 
     .venv/bin/python scripts/mutation_summary.py --command "..." --commit 252ec97 [--keep service/manifest.py]
 
@@ -98,7 +98,7 @@ def main() -> None:
         "",
         f"`{args.command}` at commit {args.commit} (summarised {result['when']}), {result['machine']}.",
         "Score = (killed + timeout) / (killed + timeout + survived + no tests), of the checked mutants.",
-        "Survivors and why each is left: docs/mutation.md.",
+        "Survivors and why each is left: docs/security.md.",
         "",
         *table(modules),
         "",
