@@ -31,7 +31,7 @@ ENV PATH="/opt/venv/bin:$PATH" \
     PORT=4000
 # The slim base ships the standard library without bytecode, and the service may not write any (user 1000,
 # PYTHONDONTWRITEBYTECODE): without .pyc files every start compiles everything it imports again, 1.25 s
-# to the first answer instead of 0.52 s (benchmarks/results/cold-start-bytecode.md).
+# to the first answer instead of 0.52 s.
 RUN useradd --no-create-home --home-dir /nonexistent --uid 1000 --user-group app \
     && python -m compileall -q -j 0 --invalidation-mode checked-hash \
         -x '/(idlelib|lib2to3|ensurepip|tkinter|turtledemo|site-packages)/' /usr/local/lib/python3.11

@@ -1,6 +1,6 @@
 """A small trained model on real images: scikit-learn's digits, and a CNN made of EfficientNetV2's blocks.
 
-Shared by tests/test_digits_accuracy.py and benchmarks/quantization_weights.py, so both judge the same model.
+Used by tests/test_digits_accuracy.py: the one accuracy claim this project makes comes from this model.
 """
 
 from __future__ import annotations

@@ -147,8 +147,7 @@ def _resize_peak(src: np.ndarray) -> float:
 
 def test_a_resize_holds_a_band_of_float_temporaries_not_whole_images() -> None:
     # Each thread's malloc arena keeps what it freed: whole-image temporaries (four float32 outputs and two
-    # row gathers, over 5x the output) cost 12 MB of peak RSS at 2 clients
-    # (200.2 against 188.2 MB, benchmarks/results/sweep-banded-resize-arenas.md).
+    # row gathers, over 5x the output) cost 12 MB of peak RSS at 2 clients (200.2 against 188.2 MB).
     src = np.random.default_rng(4).integers(0, 256, (540, 960, 3), dtype=np.uint8)
     assert (peak := _resize_peak(src)) < 3, f"peak {peak:.2f}x the output"
 
