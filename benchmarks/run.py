@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -134,20 +133,6 @@ def measure(
     return result
 
 
-def venv_size_mb(requirements: Path, work: Path) -> float:
-    venv = work / f"venv-{requirements.stem}"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "-r", str(requirements)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
-    shutil.rmtree(venv)
-    return round(size / 2**20, 1)
-
-
 def ratios(result: dict[str, Any]) -> dict[str, float | None]:
     by = {s["system"]: s for s in result["systems"]}
 
@@ -155,11 +140,9 @@ def ratios(result: dict[str, Any]) -> dict[str, float | None]:
         return round(a / b, 3) if a and b else None
 
     def ok(name: str) -> float | None:
-        rate: float | None = by.get(name, {}).get("ok_per_s")
-        return rate
+        return by.get(name, {}).get("ok_per_s")  # type: ignore[no-any-return]
 
     int8, seed, engine_runs = by.get("service-int8", {}), by.get("seed-tf-predict", {}), result["engine"]
-    footprint = result.get("footprint") or {}
     next_to_it = (int8.get("ceiling_next_to_it") or {}).get("mean")
     return {
         "service_int8 / engine ceiling measured next to it": ratio(int8.get("ok_per_s"), next_to_it),
@@ -178,7 +161,6 @@ def ratios(result: dict[str, Any]) -> dict[str, float | None]:
         "service_int8 / seed_tf_function": ratio(ok("service-int8"), ok("seed-tf-function")),
         "service_int8 / service_fp32": ratio(ok("service-int8"), ok("service-fp32")),
         "service_int8 p99 / p50": int8.get("p99_over_p50"),
-        "serve_venv / export_venv": ratio(footprint.get("serve_venv_mb"), footprint.get("export_venv_mb")),
         "service_int8 cold start / seed_tf_predict cold start": ratio(
             int8.get("cold_start_s"), seed.get("cold_start_s")
         ),
@@ -250,12 +232,6 @@ def markdown(result: dict[str, Any]) -> list[str]:
                     f"| {s['system']} | {w['seconds']} | {w['answered_per_s']} | {c.get('inference')} | "
                     f"{c.get('decode')} | {c.get('event loop')} | {c.get('load generator')} | {w['machine_idle']:.1%} |"
                 )
-    if result.get("footprint"):
-        f = result["footprint"]
-        lines += [
-            "",
-            f"Installed size of a fresh venv: serve {f['serve_venv_mb']} MB, export {f['export_venv_mb']} MB.",
-        ]
     lines += ["", "Ratios:", "", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in result["ratios"].items()]
     return lines
@@ -289,7 +265,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short phases, no footprint: proves the harness")
+    parser.add_argument("--quick", action="store_true", help="short phases: proves the harness")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; with --quick and no "
                         "--name, benchmarks/.cache/results)")  # fmt: skip
     parser.add_argument("--name", help="result file name (default: latest, or quick with --quick)")
@@ -326,12 +302,6 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             bracket = ceiling_again if contender.bracketed else None
             result["systems"].append(measure(contender, images, profile, work, ceiling=bracket))
-        if not args.quick:
-            print("footprint: fresh venvs...", flush=True)
-            result["footprint"] = {
-                "serve_venv_mb": venv_size_mb(ROOT / "requirements-serve.txt", work),
-                "export_venv_mb": venv_size_mb(ROOT / "requirements-export.txt", work),
-            }
     result["ratios"] = ratios(result)
     out = args.out or (SCRATCH if args.quick and not args.name else RESULTS)
     save(out, name, result, markdown(result))

@@ -2,19 +2,11 @@
 
     python -m benchmarks.soak                  # 10 minutes at 0.7 of saturation (about 11 minutes in all)
     python -m benchmarks.soak --minutes 1      # proves the harness
+    python -m benchmarks.soak --silent 10000   # RSS under 10,000 connections that never send a request
 
-1. Saturation, measured briefly on a fresh `python -m service` (8 closed-loop Locust users, the steady-state
-   window of benchmarks.harness.window), or read from a saturation result (--saturation-from).
-2. A fresh `python -m service` on the committed artifacts/, with an API key, under Locust users paced with
-   `constant_throughput`: valid JPEGs (multipart, benchmarks/payloads.py) at RATE_FRACTION of the saturation
-   rate, and on top of them, one in four requests, every bad input of the README's error table, each of
-   which must get its own 4xx. One more user keeps a stalled upload open at a time (expected: 408).
-3. Every second: the service's RSS, its CPU, the load generator's, and the whole machine's; what the
-   machine spent beyond those two is other people's work on the same cores, reported per minute.
-
-The checks (issue 14): RSS growth <= 5% from minute 2 to the last minute (medians of the per-second samples),
-no answer but 200 and each bad input's expected status, and every minute's p99 of the valid requests
-within 1.5x of the first minute's. Writes results/<name>.{json,md,png}.
+A fresh service with an API key gets valid JPEGs at RATE_FRACTION of its saturation, every fourth request one of
+the README's bad inputs and a stalled upload at a time (each must get its own 4xx). Checks: RSS growth <= 5% from
+minute 2 on, no unexpected status, every minute's p99 within 1.5x of the first's. Writes results/<name>.*.
 """
 
 from __future__ import annotations
@@ -23,12 +15,15 @@ import argparse
 import json
 import math
 import os
+import resource
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import zlib
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -486,8 +481,42 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def silent(count: int, deadline_s: float, argv: list[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """The service's RSS before, with `count` connections that never send a byte, and past the header deadline."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard := resource.getrlimit(resource.RLIMIT_NOFILE)[1], hard))
+    system_on = partial(service_system, "silent", {"REQUEST_READ_TIMEOUT_S": str(deadline_s)}, ROOT)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        launch(system_on, payloads.image_set(IMAGE_SET)[0], Path(tmp) / "log") as s,
+    ):
+
+        def state() -> tuple[float, float]:  # RSS in MB, and the connections the service counts open
+            text = urllib.request.urlopen(f"{s.url}/metrics", timeout=10).read().decode()
+            counted = next(
+                float(line.split()[-1]) for line in text.splitlines() if line.startswith("http_connections_open ")
+            )
+            return round(psutil.Process(s.process.pid).memory_info().rss / 2**20, 1), counted
+
+        before = state()
+        sockets = [socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) for _ in range(count)]
+        opened_at = time.monotonic()
+        time.sleep(0.5)  # every connection accepted
+        during = state()
+        while (after := state())[1] > 1 and time.monotonic() - opened_at < 3 * deadline_s:
+            time.sleep(0.25)
+        closed_s = round(time.monotonic() - opened_at, 1)  # from the last one opened until all are closed
+        for sock in sockets:
+            sock.close()
+    each = round((during[0] - before[0]) * 1024 / count, 2)
+    result = {"name": f"silent-{count}", **provenance(command_line("python -m benchmarks.soak", argv))}
+    result |= {"before": before, "open": during, "closed": after, "closed_after_s": closed_s, "kb_each": each}
+    line = f"RSS MB and connections open: {before} before; {during} with {count} silent ones ({each} KB each); "
+    return result, [line + f"{after} {closed_s} s after the last opened (header deadline {deadline_s:g} s)."]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--silent", type=int, help="instead: RSS under this many connections that send nothing")
     parser.add_argument("--minutes", type=int, default=10, help="minutes of counted load (default 10)")
     parser.add_argument("--rate-fraction", type=float, default=0.7, help="valid images/s as a share of saturation")
     parser.add_argument("--saturation-s", type=int, default=20, help="seconds of the saturation measurement")
@@ -497,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="soak", help="result file name (default: soak)")
     parser.add_argument("--note", action="append", default=[], help="a line added to the Markdown (repeatable)")
     args = parser.parse_args(argv)
+    if args.silent:
+        save(args.out, f"silent-{args.silent}", *silent(args.silent, 5.0, argv))
+        return 0
 
     max_upload = Settings.from_env({}).max_upload_bytes
     api_key = "soak-" + os.urandom(8).hex()
