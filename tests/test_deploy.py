@@ -3,9 +3,10 @@
 There is no cluster here and no kustomize in the dev venv, so the kustomization is rendered by `render()`
 below, which knows exactly the keys deploy/k8s/kustomization.yaml uses (resources, labels, images) and
 refuses any other, and every object is validated with kubernetes-validate against Kubernetes 1.32's schemas
-in strict mode (unknown fields fail). The KServe InferenceService is a CRD that kubernetes-validate does not
-know: it is validated against deploy/kserve/inferenceservice.schema.json, written for this project from KServe's
-API types, whose pod and container fields point into the same strict Kubernetes schemas.
+in strict mode (unknown fields fail). The KServe InferenceService and the KEDA ScaledObject are CRDs that
+kubernetes-validate does not know: they are validated against deploy/kserve/inferenceservice.schema.json and
+deploy/k8s/extras/scaledobject.schema.json, written for this project from KServe's and KEDA's API types, whose
+Kubernetes fields (pod, container, HPA behavior) point into the same strict Kubernetes schemas.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ DEPLOY = ROOT / "deploy"
 KUSTOMIZATION = DEPLOY / "k8s"
 INFERENCE_SERVICE = DEPLOY / "kserve" / "inferenceservice.yaml"
 KSERVE_SCHEMA = DEPLOY / "kserve" / "inferenceservice.schema.json"
+EXTRAS = KUSTOMIZATION / "extras"
+SCALED_OBJECT = EXTRAS / "scaledobject-queue-depth.yaml"
+KEDA_SCHEMA = EXTRAS / "scaledobject.schema.json"
 KNOWN_KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "labels", "images"}
 
 
@@ -94,9 +98,12 @@ def test_kustomization_renders_the_four_objects_and_every_file_in_it_exists(rend
 
 
 def test_every_kubernetes_manifest_validates_strictly(rendered: dict[str, Any]) -> None:
-    extras = [doc for path in sorted((KUSTOMIZATION / "extras").glob("*.yaml")) for doc in _documents(path)]
-    assert extras, "deploy/k8s/extras holds the queue-depth HPA"
-    for obj in [*rendered.values(), *extras]:
+    extras = [doc for path in sorted(EXTRAS.glob("*.yaml")) for doc in _documents(path)]
+    # KEDA's ScaledObject is validated against its own schema (test_scaled_object_matches_the_keda_schema).
+    kubernetes = [obj for obj in extras if obj["apiVersion"] != "keda.sh/v1alpha1"]
+    assert [obj["kind"] for obj in kubernetes] == ["HorizontalPodAutoscaler"], "extras holds the queue-depth HPA"
+    assert len(extras) - len(kubernetes) == 1, "and the KEDA ScaledObject"
+    for obj in [*rendered.values(), *kubernetes]:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -181,14 +188,19 @@ def test_every_setting_in_the_manifests_is_one_the_service_reads(rendered: dict[
     assert _env(containers[0]) == _env(containers[1]), "the Deployment and the InferenceService configure alike"
 
 
-@pytest.fixture(scope="module")
-def kserve_validator() -> jsonschema.protocols.Validator:
+def _crd_validator(schema_file: Path) -> jsonschema.protocols.Validator:
+    """A validator for a CRD schema of ours whose Kubernetes fields refer to kubernetes-validate's strict schemas."""
     schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / "v1.32.0-local-strict"
     definitions = json.loads((schemas / "_definitions.json").read_text())
     registry: Registry[Any] = Resource.from_contents(definitions) @ Registry()
-    schema = json.loads(KSERVE_SCHEMA.read_text())
+    schema = json.loads(schema_file.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+@pytest.fixture(scope="module")
+def kserve_validator() -> jsonschema.protocols.Validator:
+    return _crd_validator(KSERVE_SCHEMA)
 
 
 def test_inference_service_matches_the_kserve_schema(kserve_validator: jsonschema.protocols.Validator) -> None:
@@ -216,12 +228,96 @@ def test_the_kserve_schema_rejects_what_kserve_would(
     kserve_validator: jsonschema.protocols.Validator, path: tuple[str | int, ...], value: object
 ) -> None:
     (isvc,) = _documents(INFERENCE_SERVICE)
-    node: Any = isvc
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
+    _set(isvc, path, value)
     with pytest.raises(jsonschema.ValidationError):
         kserve_validator.validate(isvc)
+
+
+@pytest.fixture(scope="module")
+def keda_validator() -> jsonschema.protocols.Validator:
+    return _crd_validator(KEDA_SCHEMA)
+
+
+def test_scaled_object_matches_the_keda_schema(keda_validator: jsonschema.protocols.Validator) -> None:
+    (scaled,) = _documents(SCALED_OBJECT)
+    keda_validator.validate(scaled)
+
+
+def _set(obj: dict[str, Any], path: tuple[str | int, ...], value: object) -> None:
+    node: Any = obj
+    for key in path[:-1]:
+        node = node[key]
+    if value is None:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("spec", "minReplicas"), 3),  # the HPA's spelling, not KEDA's
+        (("spec", "minReplicaCount"), "3"),  # a string where KEDA reads an int32
+        (("spec", "scaleTargetRef", "name"), None),  # no target
+        (("spec", "triggers", 0, "metadata", "treshold"), "3"),  # misspelt scaler key
+        (("spec", "triggers", 0, "metadata", "threshold"), 3),  # metadata is a string map
+        (("spec", "triggers", 0, "metadata", "threshold"), None),  # the Prometheus scaler needs one
+        (("spec", "triggers", 0, "metadata", "ignoreNullValues"), "no"),  # KEDA parses a bool
+        (("spec", "triggers", 1, "metricType"), "Value"),  # the CPU scaler takes Utilization or AverageValue
+        (("spec", "fallback", "behavior"), "currentReplicasIfBigger"),  # not one of KEDA's behaviours
+        (("spec", "advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleup"), {}),  # strict HPA schema
+        (("spec", "advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleDown", "policies", 0, "value"), "1"),
+    ],
+)
+def test_the_keda_schema_rejects_what_keda_would(
+    keda_validator: jsonschema.protocols.Validator, path: tuple[str | int, ...], value: object
+) -> None:
+    (scaled,) = _documents(SCALED_OBJECT)
+    _set(scaled, path, value)
+    with pytest.raises(jsonschema.ValidationError):
+        keda_validator.validate(scaled)
+
+
+def test_scaled_object_takes_over_the_cpu_hpa_and_keeps_its_figures(rendered: dict[str, Any]) -> None:
+    """What KEDA's admission webhook checks against a cluster, checked against the manifests instead."""
+    (scaled,) = _documents(SCALED_OBJECT)
+    spec, hpa = scaled["spec"], rendered["HorizontalPodAutoscaler"]
+    deployment = rendered["Deployment"]
+    target = spec["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", "car-classifier")
+    assert target["name"] == deployment["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"]
+    # Two HPAs on one Deployment fight, and KEDA creates one: the ScaledObject is never applied with hpa.yaml ...
+    listed = yaml.safe_load((KUSTOMIZATION / "kustomization.yaml").read_text())["resources"]
+    assert not any(name.startswith("extras") for name in listed)
+    # ... but adopts hpa.yaml's HPA when applied over it, which KEDA allows only for the HPA it names.
+    assert scaled["metadata"]["annotations"]["scaledobject.keda.sh/transfer-hpa-ownership"] == "true"
+    hpa_config = spec["advanced"]["horizontalPodAutoscalerConfig"]
+    assert hpa_config["name"] == hpa["metadata"]["name"]
+    # The same floor, ceiling, behaviour and CPU target as hpa.yaml (whose target the capacity plan checks).
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (
+        hpa["spec"]["minReplicas"],
+        hpa["spec"]["maxReplicas"],
+    )
+    assert hpa_config["behavior"] == hpa["spec"]["behavior"]
+    triggers = {trigger["type"]: trigger for trigger in spec["triggers"]}
+    assert set(triggers) == {"prometheus", "cpu"}
+    cpu_target = hpa["spec"]["metrics"][0]["resource"]["target"]
+    assert triggers["cpu"]["metricType"] == cpu_target["type"] == "Utilization"
+    assert int(triggers["cpu"]["metadata"]["value"]) == cpu_target["averageUtilization"]
+    # KEDA's fallback needs a non-CPU trigger with an AverageValue target; an empty answer must count as a failure.
+    queue = triggers["prometheus"]
+    assert queue["metricType"] == "AverageValue"
+    assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
+    assert queue["metadata"]["ignoreNullValues"] == "false"
+    # The query reads a gauge the service exports, under the scrape job deploy/prometheus/rules.yml selects.
+    query = queue["metadata"]["query"]
+    assert (
+        "inference_queue_depth{" in query and '"inference_queue_depth"' in (ROOT / "service" / "metrics.py").read_text()
+    )
+    assert (
+        'job="car-classifier"' in query and 'job="car-classifier"' in (DEPLOY / "prometheus" / "rules.yml").read_text()
+    )
+    assert query.startswith("sum("), "KEDA needs one number: the queue of all the pods, divided by the threshold"
 
 
 def _capacity(tmp_path: Path, results: Path, *args: str) -> subprocess.CompletedProcess[str]:
