@@ -1,5 +1,6 @@
 # The service: onnxruntime + Starlette on uvicorn, no TensorFlow. Build: docker build -t car-classifier .
 # Run: docker run -p 4000:4000 car-classifier
+# A folder of photos: docker run --rm -v "$PWD/photos:/photos:ro" car-classifier classify /photos > rows.csv
 
 FROM python:3.11-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -32,7 +33,10 @@ ENV PATH="/opt/venv/bin:$PATH" \
 # The slim base ships the standard library without bytecode, and the service may not write any (user 1000,
 # PYTHONDONTWRITEBYTECODE): without .pyc files every start compiles everything it imports again, 1.25 s
 # to the first answer instead of 0.52 s.
+# `classify` on PATH runs `python -m service.classify` (docs/api.md): `docker run ... car-classifier classify /photos`.
 RUN useradd --no-create-home --home-dir /nonexistent --uid 1000 --user-group app \
+    && printf '#!/bin/sh\nexport PYTHONPATH=/app\nexec python -m service.classify "$@"\n' > /usr/local/bin/classify \
+    && chmod 755 /usr/local/bin/classify \
     && python -m compileall -q -j 0 --invalidation-mode checked-hash \
         -x '/(idlelib|lib2to3|ensurepip|tkinter|turtledemo|site-packages)/' /usr/local/lib/python3.11
 COPY --from=builder /opt/venv /opt/venv

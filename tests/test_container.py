@@ -222,6 +222,42 @@ def test_stop_under_load_answers_every_accepted_request_and_writes_nothing(podma
         assert written <= PODMAN_DIFF, f"the service wrote into the container: {sorted(written - PODMAN_DIFF)}"
 
 
+def test_serve_image_classifies_a_folder_read_only_as_uid_1000(
+    podman: list[str], serve_image: str, tmp_path: Path
+) -> None:
+    """`classify /photos` in the serve image, as docs/api.md gives it: a read-only container with no network and
+    the photos mounted read-only; its rows are the venv's own, and a file it writes belongs to uid 1000."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    (photos / "nested").mkdir(parents=True)
+    (photos / "car.jpg").write_bytes(photo())
+    (photos / "nested" / "red.png").write_bytes(image_bytes((200, 20, 20), size=(320, 240)))
+    (photos / "nested" / "corrupt.jpg").write_bytes(photo()[:300])
+    (photos / "readme.txt").write_text("not an image")
+    out.mkdir()
+    os.chown(out, 1000, 1000)
+    os.chmod(out, 0o700)
+    venv = subprocess.run(
+        [sys.executable, "-m", "service.classify", str(photos), "--top-k", "3", "--format", "jsonl"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    box = [*podman, "run", "--rm", "--read-only", "--network", "none", "-e", "THREADS=1"]
+    mounts = ["-v", f"{photos}:/photos:ro", "-v", f"{out}:/out"]
+    ran = _run([*box, *mounts, serve_image, "classify", "/photos", "--top-k", "3", "--format", "jsonl",
+                "--out", "/out/rows.jsonl"], timeout=300, check=False)  # fmt: skip
+    assert ran.returncode == venv.returncode == 1, ran.stdout + ran.stderr  # the corrupt JPEG
+    assert "classified 2 of 3 images" in ran.stderr and "1 other files skipped" in ran.stderr, ran.stderr
+    assert (out / "rows.jsonl").stat().st_uid == 1000
+    inside = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    outside = [json.loads(line) for line in venv.stdout.splitlines()]
+    assert [row["path"] for row in inside] == [
+        f"/photos/{name}" for name in ("car.jpg", "nested/corrupt.jpg", "nested/red.png")
+    ]
+    assert inside[1]["error"]["code"] == outside[1]["error"]["code"] == "invalid_image"
+    for mine, theirs in ((inside[0], outside[0]), (inside[2], outside[2])):
+        same_answer(mine, theirs)
+        assert [item["class"] for item in mine["top_k"]] == [item["class"] for item in theirs["top_k"]]
+
+
 # A Keras 2 .h5 like the original's (tf_keras), small: the export image's TensorFlow loads and converts it.
 TINY_H5 = """
 import sys
