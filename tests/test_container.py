@@ -222,7 +222,7 @@ def test_stop_under_load_answers_every_accepted_request_and_writes_nothing(podma
         assert written <= PODMAN_DIFF, f"the service wrote into the container: {sorted(written - PODMAN_DIFF)}"
 
 
-def test_serve_image_classifies_a_folder_read_only_as_uid_1000(
+def test_serve_image_runs_classify_on_a_folder_read_only_as_uid_1000(
     podman: list[str], serve_image: str, tmp_path: Path
 ) -> None:
     """`classify /photos` in the serve image, as docs/api.md gives it: a read-only container with no network and
