@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -15,12 +16,16 @@ from service import docs_page, endpoints, oip, openapi
 from service.admission import Admission
 from service.errors import exception_handlers
 from service.inference import DataPlane
-from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import Metrics
 from service.middleware import ApiKey, ClientGuard, Cors
 from service.model import Classifier
+from service.observe import Observe
 from service.repository import Repository
 from service.scheduler import Scheduler
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.tracing import Tracer
 
 log = logging.getLogger("service")
 
@@ -38,11 +43,12 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     # Room for everything the engine holds plus the queue: past that a request is refused before its body.
     admission = Admission(settings.max_queue + settings.workers * settings.max_batch)
     plane = DataPlane(settings, admission, metrics)
+    tracer = _tracer(settings)
     app = Starlette(
         routes=_routes(metrics),
         exception_handlers=exception_handlers({oip.PREFIX: oip.error_response}),
-        middleware=_middleware(settings, metrics),
-        lifespan=_lifespan(settings, metrics, plane, classifier),
+        middleware=_middleware(settings, metrics, plane, tracer),
+        lifespan=_lifespan(settings, metrics, plane, classifier, tracer),
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -51,8 +57,24 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     return app
 
 
+def _tracer(settings: Settings) -> Tracer | None:
+    """Traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; only then is OpenTelemetry imported."""
+    if not settings.otlp_endpoint:
+        return None
+    try:
+        from service.tracing import Tracer
+    except ImportError as exc:
+        log.error(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set, but OpenTelemetry is not installed (%s): serving without traces; "
+            "`pip install -r requirements-tracing.txt` adds them",
+            exc,
+        )
+        return None
+    return Tracer(settings.otlp_endpoint)
+
+
 def _lifespan(
-    settings: Settings, metrics: Metrics, plane: DataPlane, classifier: Classifier | None
+    settings: Settings, metrics: Metrics, plane: DataPlane, classifier: Classifier | None, tracer: Tracer | None
 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -86,6 +108,8 @@ def _lifespan(
             plane.ready = False
             await scheduler.close()
             await repository.close()
+            if tracer is not None:
+                await run_in_threadpool(tracer.close)
 
     return lifespan
 
@@ -129,11 +153,11 @@ def _routes(metrics: Metrics) -> list[Route]:
     ]
 
 
-def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:
-    """Outermost first: every answer is counted, the client guard sees every request, CORS answers preflights
-    before the key is asked for."""
+def _middleware(settings: Settings, metrics: Metrics, plane: DataPlane, tracer: Tracer | None) -> list[Middleware]:
+    """Outermost first: every answer has its request ID and is counted and logged, the client guard sees every
+    request, CORS answers preflights before the key is asked for."""
     stack = [
-        Middleware(MetricsMiddleware, metrics=metrics),
+        Middleware(Observe, metrics=metrics, plane=plane, tracer=tracer),
         Middleware(
             ClientGuard,
             read_timeout_s=settings.request_read_timeout_s,

@@ -77,7 +77,7 @@ class DecodeStage:
         try:
             pixels = await asyncio.get_running_loop().run_in_executor(self._pool, job.pixels)
         except Exception as exc:  # a fault of ours, not the image's: that request gets a 500
-            log.exception("decoding failed")
+            log.exception("decoding failed", extra={"request_id": job.record.id} if job.record is not None else None)
             if not job.future.done():
                 job.future.set_exception(exc)
             return False

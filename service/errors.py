@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from service import record
+
 
 class ServiceError(Exception):
     """An error a client can act on: it becomes `{"error": {"code", "message"}}` with `status_code`."""
@@ -101,6 +103,12 @@ class CorsRefused(ServiceError):
     status_code, code = 400, "cors_refused"
 
 
+class ModelLoadDisabled(ServiceError):
+    """POST /v2/repository/models/{name}/load while MODEL_LOAD is not `enabled`."""
+
+    status_code, code = 403, "model_load_disabled"
+
+
 class InvalidRequest(ServiceError):
     """A request its protocol's grammar refuses (an Open Inference Protocol request without `inputs`, ...)."""
 
@@ -128,8 +136,21 @@ class ErrorJSON(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+def noted(code: str) -> str | None:
+    """The ID of the request in progress, its error `code` noted for its access log line (None: no request)."""
+    request = record.current.get()
+    if request is None:
+        return None
+    request.error = code
+    return request.id
+
+
 def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return ErrorJSON({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+    error = {"code": code, "message": message}
+    request_id = noted(code)
+    if request_id is not None:
+        error["request_id"] = request_id
+    return ErrorJSON({"error": error}, status_code=status_code, headers=headers)
 
 
 def render(exc: ServiceError) -> JSONResponse:
@@ -148,7 +169,14 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(500, "internal_error", "internal server error; the failure is logged on the server")
+    # Starlette answers this one outside every middleware of the app's: its headers are put on here.
+    answer = error_response(500, "internal_error", "internal server error; the failure is logged on the server")
+    request_record = record.current.get()
+    if request_record is not None:
+        answer.headers["X-Request-ID"] = request_record.id
+        if request_record.model:
+            answer.headers["X-Model"] = request_record.model
+    return answer
 
 
 Handler = Callable[[Request, Exception], Any]

@@ -7,6 +7,7 @@ images go through the very code that serves.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
@@ -368,9 +369,19 @@ def warm_up() -> None:
     preprocess(sample.getvalue(), Preprocessing(height=32, width=32), max_pixels=64 * 48)
 
 
-def preprocess(data: bytes, spec: Preprocessing, max_pixels: int, max_decode_bytes: int | None = None) -> np.ndarray:
-    """Image bytes -> (height, width, 3) float32 model input (channels last; the model wrapper lays it out)."""
-    image = decode(open_image(data, max_pixels), spec, max_decode_bytes)
+def preprocess(
+    data: bytes,
+    spec: Preprocessing,
+    max_pixels: int,
+    max_decode_bytes: int | None = None,
+    opened: Callable[[Image.Image], None] | None = None,
+) -> np.ndarray:
+    """Image bytes -> (height, width, 3) float32 model input (channels last; the model wrapper lays it out).
+    `opened` sees the image once its header is read and checked, before it is decoded (its format and size)."""
+    image = open_image(data, max_pixels)
+    if opened is not None:
+        opened(image)
+    image = decode(image, spec, max_decode_bytes)
     large = image.width * image.height > ROWS_ONLY_ABOVE_PIXELS
     if large and spec.resize == "bilinear_tf" and image.mode not in _SCALED_MODES:
         resized = resize_rows_bilinear_tf(image, spec.background, spec.height, spec.width)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service import record
 from service.admission import Admission
 from service.deadline import Deadline
 from service.errors import ModelNotFound, NotReady, PayloadTooLarge, ServiceError
@@ -25,6 +26,7 @@ from service.imaging import preprocess
 from service.memory import trim_heap
 from service.metrics import Metrics
 from service.model import Classifier
+from service.record import RequestRecord
 from service.scheduler import Decode, Scheduler
 from service.settings import Settings
 from service.waiter import Gone
@@ -94,6 +96,11 @@ class DataPlane:
             raise NotReady(NOT_READY)
         return self._scheduler
 
+    @property
+    def tag(self) -> str:
+        """The model serving now as answers name it (X-Model); empty before one is."""
+        return self._model.tag if self._model is not None else ""
+
     def check_ready(self) -> None:
         """503 unless the model is loaded and warmed and no shutdown has begun."""
         if not self.ready:
@@ -153,9 +160,11 @@ class DataPlane:
         return old
 
     @contextlib.contextmanager
-    def _pinned(self) -> Iterator[Classifier]:
+    def _pinned(self, request: RequestRecord | None) -> Iterator[Classifier]:
         """The model serving now, for the whole of one request, whatever a swap does meanwhile."""
         model = self.model
+        if request is not None:
+            request.model = model.tag
         key = id(model)
         self._users[key] = self._users.get(key, 0) + 1
         try:
@@ -181,11 +190,12 @@ class DataPlane:
         ]
         if not encoded:
             return Answer(self.model, results)
-        with self._admission.admit(len(encoded)), self._pinned() as model:
+        request = record.current.get()
+        with self._admission.admit(len(encoded)), self._pinned(request) as model:
             # Queued encoded: the scheduler decodes each image (in a thread, never on the event loop) just ahead
             # of the engine, so waiting images cost their bytes, not their pixels.
-            decoders = [functools.partial(self._decode, data, model) for data in encoded.values()]
-            rows = await self._infer(model, decoders, deadline, gone)
+            decoders = [functools.partial(self._decode, data, model, request) for data in encoded.values()]
+            rows = await self._infer(model, decoders, deadline, gone, request)
             for i, row in zip(encoded, rows, strict=True):
                 results[i] = row
         return Answer(model, results)
@@ -193,25 +203,49 @@ class DataPlane:
     async def classify_pixels(self, pixels: np.ndarray, deadline: Deadline, gone: Gone | None) -> Answer:
         """Preprocessed (N, height, width, 3) float32 pixels -> probabilities."""
         self.check_count(len(pixels))
-        with self._admission.admit(len(pixels)), self._pinned() as model:
-            rows = await self._infer(model, list(pixels), deadline, gone)
+        request = record.current.get()
+        with self._admission.admit(len(pixels)), self._pinned(request) as model:
+            rows = await self._infer(model, list(pixels), deadline, gone, request)
         return Answer(model, rows)
 
-    def _decode(self, data: bytes, model: Classifier) -> np.ndarray | ServiceError:
+    def _decode(self, data: bytes, model: Classifier, request: RequestRecord | None) -> np.ndarray | ServiceError:
         """Blocking: the scheduler calls it in a decode thread, or on an inference thread just before the run."""
         started = time.perf_counter()
+        seen: list[tuple[str | None, tuple[int, int]]] = []
         try:
             pixels = preprocess(
-                data, model.manifest.preprocessing, self.settings.max_image_pixels, self.settings.max_decode_bytes
+                data,
+                model.manifest.preprocessing,
+                self.settings.max_image_pixels,
+                self.settings.max_decode_bytes,
+                lambda image: seen.append((image.format, image.size)),
             )
         except ServiceError as exc:
+            if request is not None:
+                request.decoded(started, time.perf_counter())
             return exc
-        self._metrics.decode.observe(time.perf_counter() - started)
+        ended = time.perf_counter()
+        self._metrics.decode.observe(ended - started)
+        ((image_format, (width, height)),) = seen
+        self._metrics.observe_input(image_format, width * height, len(data))
+        if request is not None:
+            request.decoded(started, ended)
         return pixels
 
     async def _infer(
-        self, model: Classifier, pixels: Sequence[np.ndarray | Decode], deadline: Deadline, gone: Gone | None
+        self,
+        model: Classifier,
+        pixels: Sequence[np.ndarray | Decode],
+        deadline: Deadline,
+        gone: Gone | None,
+        request: RequestRecord | None,
     ) -> list[np.ndarray | ServiceError]:
         if deadline.remaining() <= 0:
             raise deadline.exceeded()
-        return await self.scheduler.infer(model, pixels, deadline, gone)
+        if request is None:
+            return await self.scheduler.infer(model, pixels, deadline, gone)
+        request.images += len(pixels)
+        try:
+            return await self.scheduler.infer(model, pixels, deadline, gone, record=request)
+        finally:
+            request.answered = time.perf_counter()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import time
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.manifest import Manifest
 from service.scheduler import SchedulerHooks
@@ -46,6 +45,13 @@ def route_label(path: str) -> str:
             return template
     return "other"
 
+
+_PROBABILITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+_MEGAPIXEL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 40.0)
+_BYTE_BUCKETS = (1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 2e6, 5e6, 1e7, 2e7)
+# The formats a client may send (service/imaging.py FORMATS); MPO is a JPEG with more pictures after it.
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_FORMAT_ALIASES = {"MPO": "JPEG"}
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
@@ -99,6 +105,53 @@ class Metrics:
             registry=r,
         )
 
+        self._describe_inputs_and_answers()
+
+    def _describe_inputs_and_answers(self) -> None:
+        """What the model sees and says: the first signs that the images or the answers drift."""
+        r = self.registry
+        self.top1 = Histogram(
+            "prediction_top1_probability",
+            "The top-1 probability of every answered image",
+            buckets=_PROBABILITY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "predictions", "Answered images by predicted class (its index)", ["class_index"], registry=r
+        )
+        self.input_megapixels = Histogram(
+            "input_megapixels", "Decoded images' size in megapixels", buckets=_MEGAPIXEL_BUCKETS, registry=r
+        )
+        self.input_bytes = Histogram(
+            "input_bytes", "Decoded images' encoded size in bytes", buckets=_BYTE_BUCKETS, registry=r
+        )
+        self.input_format = Counter("input_format", "Decoded images by format", ["format"], registry=r)
+        # Children looked up once, off the request's path (as the runs counter's).
+        self._formats = {name: self.input_format.labels(name) for name in (*INPUT_FORMATS, "other")}
+        for alias, name in _FORMAT_ALIASES.items():
+            self._formats[alias] = self._formats[name]
+        self._classes: dict[int, Counter] = {}  # filled as classes are first answered
+
+    def observe_input(self, image_format: str | None, pixels: int, size: int) -> None:
+        """One decoded image: its format (Pillow's name), its pixels and its encoded bytes."""
+        self._formats.get(image_format or "other", self._formats["other"]).inc()
+        self.input_megapixels.observe(pixels / 1e6)
+        self.input_bytes.observe(size)
+
+    def observe_probabilities(self, probabilities: np.ndarray) -> None:
+        """One engine run's answers, on its inference thread: each image's top-1 probability and class."""
+        if probabilities.ndim != 2 or not probabilities.shape[0]:
+            return
+        classes = self._classes
+        for index, top in zip(probabilities.argmax(axis=1).tolist(), probabilities.max(axis=1).tolist(), strict=True):
+            if top != top:  # NaN: a broken model's answer says nothing of confidence
+                continue
+            self.top1.observe(top)
+            child = classes.get(index)
+            if child is None:
+                child = classes[index] = self.predictions.labels(str(index))
+            child.inc()
+
     def describe_model(self, manifest: Manifest) -> None:
         self.model.clear()  # one series: the model serving now
         self.model.labels(
@@ -117,36 +170,12 @@ class Metrics:
             (wide_runs if wide else narrow_runs).inc()
 
         return SchedulerHooks(
-            on_batch=on_batch, on_queue_depth=self.queue_depth.set, on_in_flight=self.in_flight.set, on_run=on_run
+            on_batch=on_batch,
+            on_queue_depth=self.queue_depth.set,
+            on_in_flight=self.in_flight.set,
+            on_run=on_run,
+            on_probabilities=self.observe_probabilities,
         )
 
     def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-class MetricsMiddleware:
-    """Counts every response by route and status, and times it (pure ASGI: no body buffering)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = route_label(scope["path"])
-        status = 500
-        started = time.perf_counter()
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

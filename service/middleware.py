@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import record
 from service.errors import CorsRefused, Overloaded, RequestTimeout, Unauthorized, render
 from service.payload import decimal
 
@@ -38,6 +40,7 @@ class _Body:
         # "100 Continue" on the first receive(), so reading after an early answer would corrupt the stream.
         self._awaiting_continue = headers.get("expect", "").lower() == "100-continue"
         self.received = 0
+        self.record = record.current.get()  # the body's bytes and read time go in its access line
 
     def _time_left(self) -> float:
         # REQUEST_READ_TIMEOUT_S of grace, then one more second per MIN_UPLOAD_BYTES_PER_S received; and never
@@ -49,6 +52,8 @@ class _Body:
         if self.complete:  # after the body only http.disconnect can come: no deadline for waiting on it
             return await self._receive()
         self._awaiting_continue = False
+        if self.record is not None and not self.record.read_start:
+            self.record.read_start = time.perf_counter()
         left = self._time_left()
         try:
             if left <= 0:
@@ -64,6 +69,8 @@ class _Body:
             self.complete = not message.get("more_body", False)
         else:
             self.complete = True
+        if self.complete and self.record is not None:
+            self.record.read_end = time.perf_counter()
         return message
 
     async def discard_rest(self, limit: int) -> bool:
@@ -133,6 +140,8 @@ class ClientGuard:
             await self.app(scope, body.receive, send_after_body)
         finally:
             self.open -= 1
+            if body.record is not None:
+                body.record.bytes_in = body.received
 
 
 class ApiKey:

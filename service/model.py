@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from service.manifest import Manifest, ManifestError, read_labels, sha256_file
 from service.memory import trim_heap
+from service.record import header_text
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class Classifier:
         self._output = manifest.output.name
         self.warmed = False
         self.wide: ort.InferenceSession | None = None
+        # Names it on every answer (X-Model) and in the access log: a hot swap shows in both.
+        self.tag = header_text(f"{manifest.name}@sha256:{manifest.model.sha256[:12]}")
 
     @classmethod
     def load(cls, model_dir: Path, threads: int, *, warm: bool = False) -> Classifier:

@@ -14,8 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import oip_codec as codec
+from service import record
 from service.endpoints import disconnected
-from service.errors import ErrorJSON, InvalidRequest, ServiceError
+from service.errors import ErrorJSON, InvalidRequest, ModelLoadDisabled, ServiceError, noted
 from service.inference import IMAGE_INPUT, OUTPUT, PIXELS_INPUT, VERSION, DataPlane
 from service.oip_codec import HEADER_LENGTH
 from service.payload import FRAMING_BYTES, check_identity_encoding, json_body_limit, read_body
@@ -30,7 +31,11 @@ __all__ = ["HEADER_LENGTH", "IMAGE_INPUT", "OUTPUT", "PIXELS_INPUT", "VERSION"]
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
-    return ErrorJSON({"error": exc.message}, status_code=exc.status_code, headers=exc.headers)
+    body = {"error": exc.message}
+    request_id = noted(exc.code)
+    if request_id is not None:
+        body["request_id"] = request_id
+    return ErrorJSON(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _plane(request: Request) -> DataPlane:
@@ -89,10 +94,18 @@ async def infer(request: Request) -> Response:
 
 
 async def load(request: Request) -> Response:
-    """The model repository extension: load MODEL_DIR's artifact again and serve it."""
+    """The model repository extension: load MODEL_DIR's artifact again and serve it (MODEL_LOAD=enabled only)."""
+    if not _plane(request).settings.model_load:
+        raise ModelLoadDisabled(
+            "loading a model over HTTP is off: set MODEL_LOAD=enabled to turn it on (with API_KEY set, it then "
+            "needs the key); SIGHUP to the server process loads MODEL_DIR again without it"
+        )
     codec.load_request(await read_body(request, FRAMING_BYTES, FRAMING_BYTES, "the limit of a load request"))
     repository: Repository = request.app.state.repository
     loaded = await repository.load(request.path_params["name"])
+    answered = record.current.get()
+    if answered is not None:
+        answered.model = loaded.model.tag  # the answer comes from the model it loaded
     manifest = loaded.model.manifest
     return JSONResponse(
         {

@@ -31,6 +31,7 @@ from service import waiter
 from service.deadline import Deadline
 from service.decode_stage import DecodeStage, expired
 from service.errors import Overloaded, ServiceError, ShuttingDown
+from service.record import RequestRecord
 from service.threads import named_pool
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Job:
     deadline: float  # time.monotonic()
     engine: Engine = field(repr=False)
     future: waiter.Answer = field(repr=False)
+    record: RequestRecord | None = field(default=None, repr=False)  # its request's, to time the engine run
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ class SchedulerHooks:
     on_queue_depth: Callable[[int], None] = lambda depth: None
     on_in_flight: Callable[[int], None] = lambda count: None
     on_run: Callable[[bool], None] = lambda wide: None
+    # On the inference thread, after each run: its (N, classes) probabilities.
+    on_probabilities: Callable[[np.ndarray], None] = lambda probabilities: None
+
+
+def _ids(jobs: list[Job]) -> dict[str, str]:
+    """The IDs of the requests `jobs` belong to, for a log line written off the requests' own tasks (its
+    `extra`: service/logs.py writes them)."""
+    ids = dict.fromkeys(job.record.id for job in jobs if job.record is not None)
+    return {"request_id": ", ".join(ids)} if ids else {}
 
 
 class Scheduler:
@@ -115,13 +126,19 @@ class Scheduler:
         return self._queue.maxsize
 
     async def infer(
-        self, engine: Engine, images: Sequence[np.ndarray | Decode], deadline: Deadline, gone: waiter.Gone | None = None
+        self,
+        engine: Engine,
+        images: Sequence[np.ndarray | Decode],
+        deadline: Deadline,
+        gone: waiter.Gone | None = None,
+        *,
+        record: RequestRecord | None = None,
     ) -> Rows:
         """Queue images for `engine`, all or none, and await their probabilities in order: (height, width, 3)
         pixels, or a Decode whose error, if it fails, is that image's answer.
 
         503 if the queue has no room for all of them, 504 past `deadline`, 499 as soon as `gone()` (the client
-        leaving) completes.
+        leaving) completes. `record`: the request's, whose engine runs are timed in it.
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down", headers={"Retry-After": self._retry_after})
@@ -131,7 +148,9 @@ class Scheduler:
                 headers={"Retry-After": self._retry_after},
             )
         loop = asyncio.get_running_loop()
-        jobs = [Job(pixels, deadline.at, engine, loop.create_future()) for pixels in images]
+        jobs = [Job(pixels, deadline.at, engine, loop.create_future(), record) for pixels in images]
+        if record is not None:
+            record.queued = time.perf_counter()
         if len(jobs) == 1 and self._max_batch == 1 and self._idle():
             # Straight to the workers, undecoded: the worker's thread decodes it just before the run.
             self._ready.put_nowait(jobs[0])
@@ -223,7 +242,7 @@ class Scheduler:
             try:
                 decoded = live[0].pixels()
             except Exception:  # a fault of ours, not the image's: that request gets a 500
-                log.exception("decoding failed")
+                log.exception("decoding failed", extra=_ids(live))
                 raise
             if isinstance(decoded, ServiceError):  # the image's own answer (undecodable, too large)
                 return [decoded]
@@ -240,9 +259,14 @@ class Scheduler:
         try:
             probabilities = engine.predict(batch, wide)
         except Exception:
-            log.exception("inference failed for a batch of %d", len(live))
+            log.exception("inference failed for a batch of %d", len(live), extra=_ids(live))
             raise
-        self._hooks.on_batch(len(live), time.perf_counter() - started)
+        ended = time.perf_counter()
+        self._hooks.on_batch(len(live), ended - started)
+        for job in live:
+            if job.record is not None:
+                job.record.ran(started, ended)
+        self._hooks.on_probabilities(probabilities)
         return list(probabilities)
 
     def _wide(self, engine: Engine, images: int) -> bool:

@@ -11,6 +11,7 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.config import STARTUP_FAILURE
 
+from service import logs
 from service.app import create_app
 from service.connections import Connections, budget_for, raise_descriptor_limit
 from service.metrics import Metrics
@@ -54,12 +55,16 @@ def _connections(metrics: Metrics) -> Connections:
 
 def serve(settings: Settings, classifier: Classifier) -> int:
     """Serve until a signal drains and stops the server; the process's exit code."""
+    logs.configure(settings)
     app = create_app(settings, classifier)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # uvicorn's own lines go to the root logger, in LOG_FORMAT; its access line gives way to the service's
+        # (service/observe.py), which has the request ID, the status the app answered and the stages' times.
+        log_config=None,
         access_log=False,
         # No WebSocket routes; "auto" would import wsproto at start-up (20 ms of the cold start).
         ws="none",

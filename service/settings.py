@@ -13,6 +13,8 @@ from service.cpus import available_cpus
 
 N = TypeVar("N", int, float)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+LOG_FORMATS = ("text", "json")
+SWITCH = ("enabled", "disabled")
 
 
 class SettingsError(ValueError):
@@ -38,6 +40,14 @@ def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> in
 
 def _float(env: Mapping[str, str], key: str, default: float, minimum: float) -> float:
     return _number(env, key, default, minimum, float)
+
+
+def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first is the default), in any case."""
+    value = env.get(key, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise SettingsError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def _list(env: Mapping[str, str], key: str) -> tuple[str, ...]:
@@ -81,6 +91,10 @@ class Settings:
     # Images in one request (several `image` parts, JSON `images`, an OIP tensor of N images): 413 beyond it.
     max_images_per_request: int = 16
     log_level: str = "info"
+    # text: lines for a person; json: one JSON object a line, an access line per request (service/logs.py).
+    log_format: str = "text"
+    # Traces to an OTLP/HTTP collector (service/tracing.py; requirements-tracing.txt): on when it is set.
+    otlp_endpoint: str = ""
     # The scheduler (service/scheduler.py). WORKERS engine workers share THREADS cores: each session run
     # gets THREADS // WORKERS intra-op threads (1 by default: one single-threaded run per core).
     workers: int = 1
@@ -98,6 +112,8 @@ class Settings:
     timeout_keep_alive_s: int = 75
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
+    # POST /v2/repository/models/{name}/load: off unless MODEL_LOAD=enabled (a load doubles the model's memory).
+    model_load: bool = False
 
     @property
     def intra_op_threads(self) -> int:
@@ -125,6 +141,8 @@ class Settings:
             max_decode_bytes=_int(env, "MAX_DECODE_BYTES", 64 * 1024 * 1024),
             max_images_per_request=_int(env, "MAX_IMAGES_PER_REQUEST", 16),
             log_level=log_level,
+            log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS),
+            otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip(),
             workers=_int(env, "WORKERS", threads),
             max_batch=_int(env, "MAX_BATCH", 1),
             batch_wait_ms=_float(env, "BATCH_WAIT_MS", 2.0, minimum=0.0),
@@ -138,4 +156,5 @@ class Settings:
             timeout_keep_alive_s=_int(env, "TIMEOUT_KEEP_ALIVE_S", 75),
             api_keys=_api_keys(env),
             cors_origins=_list(env, "CORS_ORIGINS"),
+            model_load=_choice(env, "MODEL_LOAD", SWITCH[::-1]) == "enabled",
         )

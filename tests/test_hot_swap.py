@@ -100,6 +100,11 @@ def _sha(artifact: Path) -> str:
     return Manifest.read(artifact).model.sha256
 
 
+def _tag(artifact: Path) -> str:
+    """How an answer's X-Model header names the artifact's model."""
+    return f"{MODEL}@sha256:{_sha(artifact)[:12]}"
+
+
 def _served_sha(server: Server) -> str:
     return str(httpx.get(f"{server.url}/", timeout=30).json()["model"]["sha256"])
 
@@ -158,7 +163,8 @@ class Clients:
 def test_three_swaps_under_load_fail_no_request(artifacts: dict[str, Path], tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     deploy(artifacts["a"], model_dir)
-    with running_service(model_dir, tmp_path / "server.log", THREADS="2", MAX_QUEUE="256") as server:
+    env = {"THREADS": "2", "MAX_QUEUE": "256", "MODEL_LOAD": "enabled"}
+    with running_service(model_dir, tmp_path / "server.log", **env) as server:
         assert httpx.post(f"{server.url}/infer", files={"image": RED}).status_code == 200  # the wide comes after
         wait_for(lambda: server_metric(server, "inference_session_threads", session="wide") == 2, "the wide session")
         with Clients(server, 4) as clients:
@@ -170,7 +176,9 @@ def test_three_swaps_under_load_fail_no_request(artifacts: dict[str, Path], tmp_
             assert answer.status_code == 200, answer.text
             assert answer.json()["sha256"] == _sha(artifacts["b"])
             assert answer.json()["replaced"]["sha256"] == _sha(artifacts["a"])
-            assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "RED"
+            assert answer.headers["x-model"] == _tag(artifacts["b"])
+            after = httpx.post(f"{server.url}/infer", files={"image": RED})
+            assert after.json()["class"] == "RED" and after.headers["x-model"] == _tag(artifacts["b"])
             assert _served_sha(server) == _sha(artifacts["b"])
             assert _model_info(server, _sha(artifacts["b"])) == 1 and _model_info(server, _sha(artifacts["a"])) == 0
             wait_for(lambda: server_metric(server, "inference_session_threads", session="wide") == 2, "B's wide")
@@ -184,7 +192,7 @@ def test_three_swaps_under_load_fail_no_request(artifacts: dict[str, Path], tmp_
             message = refused.json()["error"]
             assert "sha256" in message and "still serving" in message and _sha(artifacts["b"])[:12] in message
             assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "RED"
-            assert _served_sha(server) == _sha(artifacts["b"])
+            assert _served_sha(server) == _sha(artifacts["b"]) and refused.headers["x-model"] == _tag(artifacts["b"])
             seen = clients.answered()
             wait_for(lambda: clients.answered() >= seen + 20, "answers after the refused load")
 
@@ -204,7 +212,7 @@ def test_three_swaps_under_load_fail_no_request(artifacts: dict[str, Path], tmp_
 
 
 def test_a_load_naming_another_model_is_404_and_changes_nothing(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    with running_service(artifacts["a"], tmp_path / "server.log") as server:
+    with running_service(artifacts["a"], tmp_path / "server.log", MODEL_LOAD="enabled") as server:
         answer = httpx.post(f"{server.url}/v2/repository/models/other-model/load")
         assert answer.status_code == 404 and MODEL in answer.json()["error"]
         overrides = httpx.post(f"{server.url}{LOAD}", json={"parameters": {"config": "{}"}})
@@ -218,6 +226,10 @@ def test_sighup_loads_model_dir_again_and_a_bad_artifact_leaves_the_old_one(
     model_dir = tmp_path / "model"
     deploy(artifacts["a"], model_dir)
     with running_service(model_dir, tmp_path / "server.log") as server:
+        # The load route is off by default (MODEL_LOAD); SIGHUP is the local operator's and works regardless.
+        refused = httpx.post(f"{server.url}{LOAD}", json={})
+        assert refused.status_code == 403 and "MODEL_LOAD=enabled" in refused.json()["error"], refused.text
+        assert server_metric(server, "http_requests_total", route="/v2/repository/models/{name}/load", status="403")
         deploy(artifacts["bad"], model_dir)
         server.process.send_signal(signal.SIGHUP)
         wait_for(lambda: server_metric(server, "model_loads_total", outcome="failed") == 1, "the refused load")
@@ -229,6 +241,7 @@ def test_sighup_loads_model_dir_again_and_a_bad_artifact_leaves_the_old_one(
         wait_for(lambda: _model_info(server, _sha(artifacts["b"])) == 1, "B in model_info")
         assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "RED"
         assert _served_sha(server) == _sha(artifacts["b"])
+        assert server_metric(server, "model_loads_total", outcome="loaded") == 1
 
 
 def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[str, Path], tmp_path: Path) -> None:
@@ -236,7 +249,7 @@ def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[s
     deploy(artifacts["a"], model_dir)
     gated = GatedClassifier.from_dir(model_dir)
     deploy(artifacts["b"], model_dir)  # what a load will find
-    app = make_app(gated, MODEL_DIR=str(model_dir), MAX_BATCH="4", BATCH_WAIT_MS="200")
+    app = make_app(gated, MODEL_DIR=str(model_dir), MAX_BATCH="4", BATCH_WAIT_MS="200", MODEL_LOAD="enabled")
 
     async def scenario() -> None:
         async with serving(app) as client:
@@ -250,8 +263,11 @@ def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[s
                 assert hasattr(gated, "session")  # A still has requests to answer
                 after = asyncio.ensure_future(client.post("/infer", files={"image": RED}))
                 await until(lambda: sample(app, "inference_queue_depth") == 2, "B's job queued behind A's")
-            # The one worker takes both queued jobs as one batch: each runs on its own model.
-            assert [(await task).json()["class"] for task in (running, queued, after)] == ["red", "red", "RED"]
+            # The one worker takes both queued jobs as one batch: each runs on its own model, and says so.
+            answers = [await task for task in (running, queued, after)]
+            assert [answer.json()["class"] for answer in answers] == ["red", "red", "RED"]
+            a, b = _tag(artifacts["a"]), _tag(artifacts["b"])
+            assert [answer.headers["x-model"] for answer in answers] == [a, a, b]
             # The running one and the queued one ran on A's engine; B's job never touched it.
             assert (gated.runs, gated.images) == (2, 2)
             # Its last request answered, A's sessions are freed, though this test still holds the object.

@@ -156,7 +156,8 @@ def test_errors_are_the_protocols_shape_with_the_right_status(
     ]:
         answer = httpx.post(url, json=body)
         assert answer.status_code == status, (body, answer.text)
-        assert set(answer.json()) == {"error"} and isinstance(answer.json()["error"], str)
+        assert set(answer.json()) == {"error", "request_id"} and isinstance(answer.json()["error"], str)
+        assert answer.json()["request_id"] == answer.headers["x-request-id"]
 
 
 def test_binary_data_that_does_not_add_up_is_400(tiny_server: Server) -> None:
@@ -193,7 +194,7 @@ def test_more_images_than_allowed_is_413(tiny_artifact: Path, tmp_path: Path) ->
 
 
 def test_with_an_api_key_only_health_and_server_metadata_are_open(tiny_artifact: Path, tmp_path: Path) -> None:
-    with running_service(tiny_artifact, tmp_path / "server.log", API_KEY=KEY) as server:
+    with running_service(tiny_artifact, tmp_path / "server.log", API_KEY=KEY, MODEL_LOAD="enabled") as server:
         client = _client(server)
         assert client.is_server_live() and client.is_server_ready() and client.get_server_metadata()
         assert not client.is_model_ready(MODEL)

@@ -221,12 +221,34 @@ def test_real_protocol_errors_validate_against_the_documented_schemas(
         ("/v2/models/{name}/ready", "get", httpx.get(f"{url}/v2/models/{name}/versions/9/ready"), 404),
         ("/v2/models/{name}/infer", "post", httpx.post(f"{url}/v2/models/{name}/infer", json={}), 400),
         ("/v2/models/{name}/infer", "post", httpx.post(f"{url}/v2/models/{name}/infer", content=b"{"), 400),
-        ("/v2/repository/models/{name}/load", "post", httpx.post(f"{url}/v2/repository/models/x/load"), 404),
+        ("/v2/repository/models/{name}/load", "post", httpx.post(f"{url}/v2/repository/models/x/load"), 403),
     ]
     for path, method, answer, status in answers:
         assert answer.status_code == status, (path, answer.text)
-        assert set(answer.json()) == {"error"} and isinstance(answer.json()["error"], str)
+        assert set(answer.json()) == {"error", "request_id"} and isinstance(answer.json()["error"], str)
         _conforms(document, path, method, answer)
+
+
+def test_every_answer_documents_and_carries_its_request_id_and_model(
+    reference_server: Server, document: dict[str, Any]
+) -> None:
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            assert {"$ref": "#/components/parameters/RequestId"} in operation["parameters"], (path, method)
+            for status, response in operation["responses"].items():
+                headers = _resolved(document, response)["headers"]
+                assert {"X-Request-ID", "X-Model"} <= set(headers), (path, method, status)
+    name = httpx.get(f"{reference_server.url}/").json()["model"]["name"]
+    for answer in (
+        httpx.get(f"{reference_server.url}/openapi.json", headers={"X-Request-ID": "doc-1"}),
+        httpx.post(
+            f"{reference_server.url}/infer", files={"image": b"not an image"}, headers={"X-Request-ID": "doc-1"}
+        ),
+    ):
+        assert answer.headers["x-request-id"] == "doc-1" and answer.headers["x-model"].startswith(f"{name}@sha256:")
+    schema = document["components"]["headers"]["RequestId"]["schema"]
+    OAS31Validator(schema).validate(answer.headers["x-request-id"])
+    assert answer.json()["error"]["request_id"] == "doc-1"
 
 
 def test_with_an_api_key_the_protected_routes_need_the_bearer_scheme(keyed_server: Server) -> None:
