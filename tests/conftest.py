@@ -24,6 +24,7 @@ def tiny_server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -
         "MAX_IMAGE_PIXELS": "1000000",
         "MAX_DISCARD_BYTES": str(4 << 20),
         "MAX_DECODE_BYTES": str(2 << 20),
+        "MODEL_LOAD": "enabled",  # the load route's hostile inputs are tested too
     }
     with running_service(tiny_artifact, log, **env) as s:
         yield s

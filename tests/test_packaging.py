@@ -49,7 +49,14 @@ def test_serve_dockerfile_shape() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["requirements-serve.txt", "requirements-export.txt", "requirements-dev.txt", "benchmarks/requirements.txt"]
+    "name",
+    [
+        "requirements-serve.txt",
+        "requirements-export.txt",
+        "requirements-dev.txt",
+        "requirements-tracing.txt",
+        "benchmarks/requirements.txt",
+    ],
 )
 def test_requirements_are_pinned(name: str) -> None:
     for line in _requirements(name):
