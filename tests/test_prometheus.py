@@ -168,6 +168,11 @@ def test_prometheus_scrapes_the_service_and_answers_for_its_series(scraped: tupl
     while (result := _query(prometheus, served)) == [] or result[0]["value"][1] != "3":
         assert time.monotonic() < deadline, f"{served}: {result}"
         time.sleep(0.2)
+    # What the confidence rules read: the three answers' top-1 probabilities, and the inputs' formats.
+    (confidence,) = _poll(prometheus, f'prediction_top1_probability_count{{job="{JOB}"}}', log)
+    assert confidence["value"][1] == "3"
+    (png,) = _poll(prometheus, f'input_format_total{{job="{JOB}",format="PNG"}}', log)
+    assert png["value"][1] == "3"
 
 
 def test_the_rules_evaluate_on_the_real_series(scraped: tuple[Server, str, Path]) -> None:
