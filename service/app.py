@@ -19,6 +19,7 @@ from service.inference import DataPlane
 from service.metrics import Metrics
 from service.middleware import ApiKey, ClientGuard, Cors
 from service.model import Classifier
+from service.neighbours import Neighbours
 from service.observe import Observe
 from service.repository import Repository
 from service.scheduler import Scheduler
@@ -90,6 +91,7 @@ def _lifespan(
             max_queue=settings.max_queue,
             decoders=settings.decode_threads,
             hooks=metrics.scheduler_hooks(),
+            neighbours=Neighbours(on_sample=metrics.other_cores.set) if settings.wide_runs == "auto" else None,
         )
         scheduler.start()
         metrics.describe_model(loaded.manifest)

@@ -80,6 +80,11 @@ class Metrics:
             ["session"],
             registry=r,
         )
+        self.other_cores = Gauge(
+            "machine_other_cores",
+            "Cores of this process's CPUs that other work used, read before a run alone (over 0.5: it runs narrow)",
+            registry=r,
+        )
         self.session_threads = Gauge(
             "inference_session_threads",
             "Intra-op threads of each engine session (0: not built)",

@@ -31,6 +31,7 @@ from service import waiter
 from service.deadline import Deadline
 from service.decode_stage import DecodeStage, expired
 from service.errors import Overloaded, ServiceError, ShuttingDown
+from service.neighbours import Neighbours
 from service.record import RequestRecord
 from service.threads import named_pool
 
@@ -92,8 +93,10 @@ class Scheduler:
         decoders: int,
         retry_after_s: int = 1,
         hooks: SchedulerHooks | None = None,
+        neighbours: Neighbours | None = None,
     ) -> None:
         self._workers = workers
+        self._neighbours = neighbours
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
         self._retry_after = str(retry_after_s)
@@ -114,6 +117,8 @@ class Scheduler:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
         self._tasks += self._decode.start()
+        if self._neighbours is not None:
+            self._neighbours.start()
 
     async def settled(self) -> None:
         """Return once a run has been answered and the engine is idle: the time for background work that
@@ -273,8 +278,10 @@ class Scheduler:
         """Every core only if nothing else is in the engine or waiting to enter it. Decided at the last moment,
         from the event loop's counters (read only, under the GIL): each run was counted in before its thread
         started, so of two runs starting together the later one to look sees the other; and waiting is read
-        first, so a job the loop moves from waiting into the engine between the two reads is seen."""
-        return self._waiting() == 0 and self._in_flight == images and engine.wide is not None
+        first, so a job the loop moves from waiting into the engine between the two reads is seen. And only while
+        no neighbour holds one of the cores (service/neighbours.py), asked last: it reads files."""
+        alone = self._waiting() == 0 and self._in_flight == images and engine.wide is not None
+        return alone and (self._neighbours is None or not self._neighbours.busy())
 
     def _waiting(self) -> int:
         """Images accepted and not yet in the engine: queued, being decoded, or decoded for a worker."""
@@ -299,3 +306,5 @@ class Scheduler:
                 await task
         self._pool.shutdown(wait=True)
         self._decode.shutdown()
+        if self._neighbours is not None:
+            self._neighbours.stop()

@@ -15,6 +15,9 @@ N = TypeVar("N", int, float)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("text", "json")
 SWITCH = ("enabled", "disabled")
+# auto: a run alone takes every core unless another process holds one of them (service/neighbours.py);
+# always: whatever the machine does; never: every run on THREADS // WORKERS threads.
+WIDE_RUNS = ("auto", "always", "never")
 
 
 class SettingsError(ValueError):
@@ -103,6 +106,7 @@ class Settings:
     max_queue: int = 64
     request_timeout_s: float = 30.0
     decode_threads: int = 1
+    wide_runs: str = "auto"
     # Clients (service/middleware.py). A body must keep arriving: REQUEST_READ_TIMEOUT_S of grace, then at
     # least MIN_UPLOAD_BYTES_PER_S on average; 408 past that. 10 MiB at 128 kbit/s (16 KiB/s) still arrives.
     request_read_timeout_s: float = 10.0
@@ -122,7 +126,7 @@ class Settings:
     @property
     def wide_threads(self) -> int:
         """Intra-op threads of a run that is alone: all THREADS, when that is more than a narrow run gets."""
-        return self.threads if self.threads > self.intra_op_threads else 0
+        return self.threads if self.threads > self.intra_op_threads and self.wide_runs != "never" else 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -149,6 +153,7 @@ class Settings:
             max_queue=_int(env, "MAX_QUEUE", 64),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 30.0, minimum=0.001),
             decode_threads=_int(env, "DECODE_THREADS", default_decode_threads(threads)),
+            wide_runs=_choice(env, "WIDE_RUNS", WIDE_RUNS),
             request_read_timeout_s=_float(env, "REQUEST_READ_TIMEOUT_S", 10.0, minimum=0.001),
             min_upload_bytes_per_s=_int(env, "MIN_UPLOAD_BYTES_PER_S", 16 * 1024),
             max_connections=_int(env, "MAX_CONNECTIONS", 128),

@@ -8,6 +8,9 @@ creates, never a race against the clock. The decisions are read from the service
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -40,7 +43,8 @@ def _runs(app: object, session: str) -> float:
 
 
 def test_a_request_alone_runs_on_every_core(gated: GatedClassifier) -> None:
-    app = make_app(gated, THREADS="2", WORKERS="2")
+    # WIDE_RUNS=always: whatever else this machine is doing (tests/test_neighbours.py covers the default, auto).
+    app = make_app(gated, THREADS="2", WORKERS="2", WIDE_RUNS="always")
 
     async def scenario() -> None:
         async with serving(app) as client:
@@ -66,7 +70,7 @@ def test_a_request_alone_runs_on_every_core(gated: GatedClassifier) -> None:
 
 
 def test_requests_side_by_side_run_on_one_core_each(gated: GatedClassifier) -> None:
-    app = make_app(gated, THREADS="2", WORKERS="2")
+    app = make_app(gated, THREADS="2", WORKERS="2", WIDE_RUNS="always")
 
     async def scenario() -> None:
         async with serving(app) as client:
@@ -115,8 +119,34 @@ def test_wide_and_narrow_sessions_answer_alike(gated: GatedClassifier) -> None:
 
 def test_the_service_widens_a_lone_request(tiny_artifact: Path, tmp_path: Path) -> None:
     # The same decisions through `python -m service`, as deployed.
-    with running_service(tiny_artifact, tmp_path / "server.log", THREADS="2") as server:
+    with running_service(tiny_artifact, tmp_path / "server.log", THREADS="2", WIDE_RUNS="always") as server:
         assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "red"
         wait_for(lambda: server_metric(server, "inference_session_threads", session="wide") == 2, "the wide session")
         assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "red"
         assert server_metric(server, "inference_runs_total", session="wide") == 1
+
+
+def test_beside_a_busy_process_a_lone_request_runs_narrow(tiny_artifact: Path, tmp_path: Path) -> None:
+    # The default, WIDE_RUNS=auto, through `python -m service`: another process spinning on one of the two cores.
+    with running_service(tiny_artifact, tmp_path / "server.log", THREADS="2") as server:
+        assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "red"
+        wait_for(lambda: server_metric(server, "inference_session_threads", session="wide") == 2, "the wide session")
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(1)  # the neighbour has been busy for longer than one reading's interval
+            for _ in range(3):  # one after another: each alone, and each narrow
+                assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "red"
+                time.sleep(0.3)
+            assert server_metric(server, "inference_runs_total", session="wide") == 0
+            assert server_metric(server, "machine_other_cores") > 0.5
+        finally:
+            hog.kill()
+            hog.wait()
+
+
+def test_wide_runs_never_builds_no_wide_session(tiny_artifact: Path, tmp_path: Path) -> None:
+    with running_service(tiny_artifact, tmp_path / "server.log", THREADS="2", WIDE_RUNS="never") as server:
+        for _ in range(3):
+            assert httpx.post(f"{server.url}/infer", files={"image": RED}).json()["class"] == "red"
+        assert server_metric(server, "inference_session_threads", session="wide") == 0
+        assert server_metric(server, "inference_runs_total", session="wide") == 0

@@ -1,0 +1,117 @@
+"""A run alone stays on one core while a neighbour holds one (service/neighbours.py): from /proc/stat written by
+hand, from the real /proc with a real busy process beside, and through the scheduler with a real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service import neighbours
+from service.deadline import Deadline
+from service.neighbours import Neighbours
+from service.scheduler import Scheduler
+from tests.helpers import GatedClassifier
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _write_stat(path: Path, busy_ticks: int) -> None:
+    # Every CPU of this process's affinity gets the same line: user ticks, then idle, nothing else.
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{n} {busy_ticks} 0 0 1000 0 0 0 0 0 0" for n in sorted(os.sched_getaffinity(0))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_other_work_on_our_cores_is_seen(tmp_path: Path) -> None:
+    stat, seen = tmp_path / "stat", []
+    _write_stat(stat, 0)
+    watch = Neighbours(stat=stat, cgroup_stat=tmp_path / "none", on_sample=seen.append)
+    assert watch.busy() is False  # nothing read yet but the first reading
+    time.sleep(0.1)
+    # Each of our CPUs busy with others' work for the whole interval: busy.
+    _write_stat(stat, int(0.1 * TICKS_PER_S) + 1)
+    watch.sample()
+    assert watch.busy() is True and seen[-1] > neighbours.BUSY_CORES
+    time.sleep(0.1)
+    watch.sample()  # nothing more: idle again
+    assert watch.busy() is False and seen[-1] == 0
+
+
+def test_throttling_by_the_cgroup_counts_as_busy(tmp_path: Path) -> None:
+    stat, cgroup = tmp_path / "stat", tmp_path / "cpu.stat"
+    _write_stat(stat, 0)
+    cgroup.write_text("usage_usec 10\nthrottled_usec 100\n")
+    watch = Neighbours(stat=stat, cgroup_stat=cgroup)
+    time.sleep(0.05)
+    watch.sample()
+    assert watch.busy() is False
+    cgroup.write_text("usage_usec 20\nthrottled_usec 5000\n")
+    time.sleep(0.05)
+    watch.sample()
+    assert watch.busy() is True
+
+
+def test_a_real_busy_process_beside_is_seen_by_the_watching_thread() -> None:
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    watch = Neighbours()
+    watch.start()
+    try:
+        time.sleep(4 * neighbours.INTERVAL_S)
+        assert watch.busy() is True
+    finally:
+        watch.stop()
+        hog.kill()
+        hog.wait()
+
+
+class _Verdict(Neighbours):
+    """A watcher whose verdict the test sets (and which watches nothing)."""
+
+    def __init__(self, busy: bool) -> None:
+        super().__init__()
+        self.verdict, self.asked = busy, 0
+
+    def start(self) -> None:
+        pass
+
+    def busy(self) -> bool:
+        self.asked += 1
+        return self.verdict
+
+
+class _Recording(GatedClassifier):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.wides: list[bool] = []
+
+    def predict(self, batch: np.ndarray, wide: bool = False) -> np.ndarray:  # type: ignore[override]
+        self.wides.append(wide)
+        return super().predict(batch, wide)
+
+
+def test_a_run_alone_is_narrow_while_a_neighbour_holds_a_core(tiny_artifact: Path) -> None:
+    engine = _Recording.from_dir(tiny_artifact)
+    assert isinstance(engine, _Recording)
+    engine.add_wide_session(2)
+    pixels = np.zeros((*engine.input_shape,), dtype=np.float32)
+
+    async def run_alone(verdict: _Verdict) -> None:
+        scheduler = Scheduler(workers=2, max_batch=1, batch_wait_s=0, max_queue=4, decoders=1, neighbours=verdict)
+        scheduler.start()
+        try:
+            await scheduler.infer(engine, [pixels], Deadline.after(20))
+        finally:
+            await scheduler.close()
+
+    busy, idle = _Verdict(True), _Verdict(False)
+    engine.wides.clear()
+    asyncio.run(run_alone(busy))
+    asyncio.run(run_alone(idle))
+    assert engine.wides == [False, True]
+    assert busy.asked == idle.asked == 1
