@@ -1,25 +1,24 @@
 """A/B of service configurations or code: interleaved rounds under the same Locust load, throughput and CPU.
 
     python -m benchmarks.ab --variant "" --variant "WORKERS=4"             # 4 rounds, about 5 minutes
-    python -m benchmarks.ab --variant "" --variant "DECODE_THREADS=1" --rounds 6 --name ab-decode-threads
-    python -m benchmarks.ab --variant "@HEAD~1" --variant ""               # the last commit against its parent
-    python -m benchmarks.ab --variant "" --variant "@HEAD~1" --users 32    # the same, at another point of the curve
+    python -m benchmarks.ab --variant "" --variant "WIDE_RUNS=never" --users 1 --neighbour   # beside a busy loop
+    python -m benchmarks.ab --variant "" --variant "@HEAD~1" --users 32    # this code against its parent's
 
 Each variant is a space-separated list of environment settings for `python -m service` ("" = the defaults),
 optionally with one `@REV`: the service's code then comes from that git revision (`git archive REV service`),
 while the artifact, the load and the harness stay the working tree's, so a code change is measured alone.
-Every round runs each variant once, in an order that alternates from round to round (A B, B A, ...), so a
-machine that speeds up or slows down during the run favours neither. Each run: fresh server, uncounted
-warm-up, then --users Locust users (8 by default); throughput and CPU per answered request come from the
-service's steady-state window (benchmarks.harness.window). The summary is the median over rounds of each
-variant's ratio to the first one, measured in the same round. Writes benchmarks/results/<name>.{json,md} when
-given --name, else the same under benchmarks/.cache/results/.
+Each round runs each variant once, in alternating order (A B, B A, ...), so a machine that speeds up or slows
+down favours neither: a fresh server, a warm-up, then --users Locust users; throughput and CPU per answer from
+the service's steady-state window. The summary: the median over rounds of each variant's ratio to the first.
+Writes benchmarks/results/<name>.{json,md} with --name, else under benchmarks/.cache/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -81,8 +80,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
     first = result["summary"][0]["variant"]
     lines = [
         f"{header(result)} {len(result['rounds'])} rounds; each run: fresh server, {result['users']} Locust users "
-        f"for {result['seconds']} s on the same cores, 48 distinct JPEGs; throughput and CPU from the steady-state "
-        "window counted by the service's /metrics.",
+        f"for {result['seconds']} s on the same cores{' beside a busy loop' if result.get('neighbour') else ''}, 48 "
+        "distinct JPEGs; throughput and CPU from the steady-state window counted by the service's /metrics.",
         "",
         f"| variant | answered/s (median) | throughput / {first} (median of rounds) | by round | p99/p50 | errors "
         "| CPU ms/request: inference | decode | event loop | other | load generator | total "
@@ -106,19 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=30, help="each run's Locust phase")
     parser.add_argument("--users", type=int, default=USERS, help="Locust users (concurrent clients) in each run")
+    parser.add_argument("--neighbour", action="store_true", help="another process spins on one core throughout")
     add_output_options(parser, "ab")
     args = parser.parse_args(argv)
     variants: list[Variant] = args.variant
     if len(variants) < 2 or len({v.label for v in variants}) != len(variants):
         parser.error("give at least two different --variant")
-    if args.seconds < SETTLE_S + TAIL_S + 6:
-        parser.error(f"--seconds must be at least {SETTLE_S + TAIL_S + 6:g}")
-    if args.users < 1:
-        parser.error("--users must be at least 1")
+    if args.seconds < SETTLE_S + TAIL_S + 6 or args.users < 1:
+        parser.error(f"--seconds must be at least {SETTLE_S + TAIL_S + 6:g}, --users at least 1")
 
     images = payloads.image_bytes()
     rounds = []
-    with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.neighbour else None
+    with tempfile.TemporaryDirectory(prefix="ab-") as tmp, contextlib.ExitStack() as stack:
+        stack.callback(lambda: hog and (hog.kill(), hog.wait()))
         work = Path(tmp)
         code = service_code(variants, work)
         for i in range(args.rounds):
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         **provenance(command_line("python -m benchmarks.ab", argv)),
         "seconds": args.seconds,
         "users": args.users,
+        "neighbour": args.neighbour,
         "variants": [v.label for v in variants],
         "rounds": rounds,
         "summary": summarize(variants, rounds),
