@@ -21,7 +21,8 @@ class Admission:
         """Room for `images` more images, or 503 at once."""
         if self.pending + images > self.limit:
             raise Overloaded(
-                f"{self.pending} requests are already being served (the limit is {self.limit}); retry shortly",
+                f"{self.pending} images are already being served (the limit is {self.limit}: MAX_QUEUE and what "
+                "the workers hold); retry shortly",
                 headers={"Retry-After": self._retry_after},
             )
         self.pending += images

@@ -23,8 +23,5 @@ class Deadline:
     def remaining(self) -> float:
         return self.at - time.monotonic()
 
-    def passed(self) -> bool:
-        return time.monotonic() > self.at
-
     def exceeded(self) -> DeadlineExceeded:
         return DeadlineExceeded(self.message)

@@ -125,7 +125,19 @@ class LoadFailed(ServiceError):
     status_code, code = 400, "load_failed"
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+class NotFound(ServiceError):
+    status_code, code = 404, "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status_code, code = 405, "method_not_allowed"
+
+
+class InternalError(ServiceError):
+    status_code, code = 500, "internal_error"
+
+
+_HTTP_ERRORS: dict[int, type[ServiceError]] = {404: NotFound, 405: MethodNotAllowed}
 
 
 class ErrorJSON(JSONResponse):
@@ -161,16 +173,17 @@ def render(exc: ServiceError) -> JSONResponse:
 Renderer = Callable[[ServiceError], JSONResponse]
 
 
-async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette's own 404/405 (and any HTTPException) answer plain text by default; keep one JSON shape.
-    assert isinstance(exc, HTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers) if exc.headers else None)
+def _from_http(exc: HTTPException) -> ServiceError:
+    """Starlette's own 404/405 (and any HTTPException), which answer plain text by default."""
+    headers = dict(exc.headers) if exc.headers else None
+    error = _HTTP_ERRORS.get(exc.status_code, ServiceError)(str(exc.detail), headers=headers)
+    if type(error) is ServiceError:
+        error.status_code, error.code = exc.status_code, "http_error"
+    return error
 
 
-async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette answers this one outside every middleware of the app's: its headers are put on here.
-    answer = error_response(500, "internal_error", "internal server error; the failure is logged on the server")
+def _internal(answer: JSONResponse) -> JSONResponse:
+    # Starlette answers an unexpected failure outside every middleware of the app's: its headers are put on here.
     request_record = record.current.get()
     if request_record is not None:
         answer.headers["X-Request-ID"] = request_record.id
@@ -183,16 +196,27 @@ Handler = Callable[[Request, Exception], Any]
 
 
 def exception_handlers(protocols: Mapping[str, Renderer]) -> dict[Any, Handler]:
-    """Starlette's handlers: a ServiceError in the shape of the protocol whose path prefix the route has
-    (`protocols`), else the service's own; Starlette's 404/405 and unexpected failures in the service's shape."""
+    """Starlette's handlers: every error, Starlette's 404/405 and unexpected failures included, in the shape of
+    the protocol whose path prefix the route has (`protocols`), else in the service's own."""
+
+    def renderer(request: Request) -> Renderer:
+        path: str = request.scope["path"]
+        for prefix, protocol_renderer in protocols.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return protocol_renderer
+        return render
 
     async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        path: str = request.scope["path"]
-        for prefix, renderer in protocols.items():
-            if path == prefix or path.startswith(prefix + "/"):
-                return renderer(exc)
-        return render(exc)
+        return renderer(request)(exc)
+
+    async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return renderer(request)(_from_http(exc))
+
+    async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+        failed = InternalError("internal server error; the failure is logged on the server")
+        return _internal(renderer(request)(failed))
 
     return {
         ServiceError: service_error_handler,

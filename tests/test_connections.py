@@ -40,6 +40,18 @@ def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield running
 
 
+# A server with a small budget (budget_for(100): 36 connections) and keep-alives that outlast the test.
+SMALL_FILES, SMALL_BUDGET = 100, 36
+
+
+@pytest.fixture(scope="module")
+def small(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("small-budget") / "service.log"
+    env = {"REQUEST_READ_TIMEOUT_S": str(DEADLINE_S), "TIMEOUT_KEEP_ALIVE_S": "30"}
+    with running_service(tiny_artifact, log, max_files=SMALL_FILES, **env) as running:
+        yield running
+
+
 def _until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
     """Everything the server sends until it closes the connection, and when that was (seconds from now)."""
     started = time.monotonic()
@@ -167,3 +179,71 @@ def test_thousands_of_half_sent_requests_lock_nobody_out(tiny_artifact: Path, tm
         for sock in attack:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_second_half_sent_request_on_a_kept_alive_connection_gets_408(small: Server) -> None:
+    with socket.create_connection(_address(small)) as sock:
+        assert _request(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\n")
+        sock.settimeout(DEADLINE_S + 1)
+        got = sock.recv(65536)
+    assert got.startswith(b"HTTP/1.1 408 "), got
+    wait_for(lambda: server_metric(small, "http_connections_open") <= 1, "connections closed", 10)
+
+
+def test_a_body_in_its_own_packet_arms_no_header_deadline_for_an_idle_connection(small: Server) -> None:
+    with socket.create_connection(_address(small)) as sock:
+        assert _request(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"0123456789")
+        sock.settimeout(5)
+        got = b""
+        while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+            got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 4"), got
+        sock.settimeout(DEADLINE_S + 1)
+        with pytest.raises(TimeoutError):
+            extra = sock.recv(65536)
+            raise AssertionError(f"unsolicited: {extra!r}")
+        assert _request(sock).startswith(b"HTTP/1.1 200 ")
+    wait_for(lambda: server_metric(small, "http_connections_open") <= 1, "connections closed", 10)
+
+
+def test_a_full_budget_of_idle_keep_alives_displaces_the_oldest(small: Server) -> None:
+    socks = [socket.create_connection(_address(small)) for _ in range(SMALL_BUDGET)]
+    try:
+        for sock in socks:
+            assert _request(sock).startswith(b"HTTP/1.1 200 ")
+        for _ in range(3):  # past the budget: each new one displaces the oldest idle
+            with socket.create_connection(_address(small)) as extra:
+                assert _request(extra).startswith(b"HTTP/1.1 200 ")
+        socks[0].settimeout(2)
+        assert socks[0].recv(10) == b""  # the oldest was displaced
+        assert _request(socks[-1]).startswith(b"HTTP/1.1 200 ")  # the newest idle one was not
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_for(lambda: server_metric(small, "http_connections_open") <= 1, "connections closed", 10)
+
+
+def test_a_request_being_uploaded_is_never_displaced(small: Server) -> None:
+    upload = socket.create_connection(_address(small))
+    flood: list[socket.socket] = []
+    try:
+        upload.sendall(b"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n01234")
+        time.sleep(0.3)
+        for _ in range(SMALL_BUDGET + 5):
+            sock = socket.create_connection(_address(small))
+            sock.sendall(b"GET /ping HTTP/1.1\r\n")
+            flood.append(sock)
+        time.sleep(0.3)
+        upload.sendall(b"56789")
+        upload.settimeout(5)
+        got = upload.recv(65536)
+        assert got.startswith(b"HTTP/1.1 4"), got
+    finally:
+        upload.close()
+        for sock in flood:
+            sock.close()
+    wait_for(lambda: server_metric(small, "http_connections_open") <= 1, "connections closed", 10)

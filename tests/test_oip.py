@@ -6,6 +6,7 @@ data extension (tritonclient's default) and with plain JSON, and compares with w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.imaging import preprocess
 from service.manifest import Manifest
-from tests.helpers import TINY_LABELS, Server, image_bytes, running_service
+from tests.helpers import TINY_LABELS, Server, image_bytes, make_app, running_service, serving
 
 MODEL = "tiny-colour-classifier"
 KEY = "oip-key-0123"
@@ -208,3 +209,65 @@ def test_with_an_api_key_only_health_and_server_metadata_are_open(tiny_artifact:
         assert TINY_LABELS[int(np.argmax(result.as_numpy("probabilities")[0]))] == "red"
         client.load_model(MODEL, headers=keyed)  # the same artifact again: loads and serves on
         assert client.is_model_ready(MODEL, headers=keyed)
+
+
+EDGE_MODEL = "tiny-colour-classifier"
+
+
+def _post_oip(
+    app_client: httpx.AsyncClient, doc: dict[str, Any], binary: bytes = b"", declared: int | None = None
+) -> Any:
+    header = json.dumps(doc).encode()
+    headers: dict[str, str] = {}
+    if binary or declared is not None:
+        headers["Inference-Header-Content-Length"] = str(len(header) if declared is None else declared)
+    return app_client.post(f"/v2/models/{EDGE_MODEL}/infer", content=header + binary, headers=headers)
+
+
+def test_oip_edges_of_the_request_grammar(tiny_artifact: Path) -> None:
+    # 413 (not 503) for more images than the queue can ever take; no stray binary bytes; a header length equal to
+    # the whole body; an image tensor's second dimension must be 1.
+    app = make_app(MODEL_DIR=str(tiny_artifact), MAX_QUEUE="2")
+    b64 = base64.b64encode(RED).decode()
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            three = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": [b64] * 3}]}
+            r = await _post_oip(client, three)
+            assert r.status_code == 413 and "MAX_QUEUE" in r.json()["error"], r.text
+            one_bin = {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4 + len(RED)},
+                    }
+                ]
+            }
+            blob = len(RED).to_bytes(4, "little") + RED
+            assert (await _post_oip(client, one_bin, blob)).status_code == 200
+            assert (await _post_oip(client, one_bin, blob + b"junk")).status_code == 400
+            one_json = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}
+            header = json.dumps(one_json).encode()
+            assert (await _post_oip(client, one_json, declared=len(header))).status_code == 200
+            wide = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 2], "data": [[b64, b64]]}]}
+            assert (await _post_oip(client, wide)).status_code == 400
+
+    asyncio.run(scenario())
+
+
+def test_starlettes_own_errors_under_v2_are_in_the_protocols_shape(tiny_artifact: Path) -> None:
+    # An OIP client (tritonclient) reads `error` as a message: Starlette's 404 and 405 under /v2 must say one too.
+    app = make_app(MODEL_DIR=str(tiny_artifact))
+
+    async def scenario() -> None:
+        async with serving(app) as client:
+            wrong_method = await client.get(f"/v2/models/{EDGE_MODEL}/infer")
+            unknown = await client.get("/v2/no/such/route")
+            ours = await client.get("/no/such/route")
+        assert wrong_method.status_code == 405 and isinstance(wrong_method.json()["error"], str)
+        assert unknown.status_code == 404 and isinstance(unknown.json()["error"], str)
+        assert ours.status_code == 404 and ours.json()["error"]["code"] == "not_found"
+
+    asyncio.run(scenario())

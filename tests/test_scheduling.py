@@ -140,7 +140,7 @@ def test_admission_sheds_the_overload_with_503_and_recovers(slow_artifact: Path,
     with running_service(slow_artifact, tmp_path / "server.log", **env) as server:
         messages = _overload_messages(_blast(server, clients=16, requests=24))
         assert len(messages) >= 8, messages
-        assert all("being served (the limit is 3)" in m for m in messages), messages
+        assert all("images are already being served (the limit is 3: MAX_QUEUE" in m for m in messages), messages
         # Recovered: the queue drained, a new request is served.
         assert _post(server, IMAGES[0]).json()["class"] == "red"
         assert "Traceback" not in server.output()

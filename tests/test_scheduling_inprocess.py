@@ -793,3 +793,22 @@ def test_a_shutdown_answers_images_whose_decoding_has_not_started(engine: Record
         return _classes(engine, rows)
 
     assert asyncio.run(scenario()) == ["red", "green", "blue"]
+
+
+def test_a_cancelled_request_of_several_images_runs_none_of_them(engine: RecordingClassifier) -> None:
+    # Cancelling the request's task cancels only the future it awaits: the waiter cancels the others itself.
+
+    async def scenario() -> None:
+        async with _running() as (scheduler, _):
+            with engine.held():
+                running = _infer(scheduler, engine, ["red"])
+                await until(lambda: engine.runs == 1, "a run in the engine")
+                cancelled = _infer(scheduler, engine, ["green", "blue"])
+                await asyncio.sleep(0)
+                cancelled.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await cancelled
+            await running
+
+    asyncio.run(scenario())
+    assert engine.images == 1

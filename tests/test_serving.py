@@ -390,3 +390,24 @@ def test_an_nchw_model_is_fed_channels_first(tmp_path: Path) -> None:
                 assert body["warning"].startswith("untrained reference model")
 
     asyncio.run(scenario())
+
+
+TINY_MODEL = "tiny-colour-classifier"
+
+
+def test_v2_readiness_is_503_before_the_lifespan_and_from_sigterm(tiny_artifact: Path) -> None:
+    app = make_app(MODEL_DIR=str(tiny_artifact))
+
+    async def scenario() -> None:
+        async with asgi_client(app) as client:
+            r = await client.get("/v2/health/ready")
+            assert r.status_code == 503 and isinstance(r.json()["error"], str)
+        async with serving(app) as client:
+            assert (await client.get("/v2/health/ready")).status_code == 200
+            assert (await client.get(f"/v2/models/{TINY_MODEL}/ready")).status_code == 200
+            Server(uvicorn.Config(app), app).handle_exit(signal.SIGTERM, None)
+            assert (await client.get("/v2/health/ready")).status_code == 503
+            assert (await client.get(f"/v2/models/{TINY_MODEL}/ready")).status_code == 503
+            assert (await client.get("/v2/health/live")).status_code == 200
+
+    asyncio.run(scenario())
