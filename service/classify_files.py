@@ -76,18 +76,22 @@ def _walk(path: str, seen: set[tuple[int, int]]) -> Iterator[str | Item]:
 
 def read(path: str, max_bytes: int, acceptors: list[object]) -> Item:
     """The file's bytes if it is an image of at most `max_bytes` (MAX_UPLOAD_BYTES, as an upload)."""
+    too_large = Item(
+        path, code=PayloadTooLarge.code, message=f"the file is larger than {max_bytes:,} bytes (MAX_UPLOAD_BYTES)"
+    )
     try:
         with open(path, "rb") as file:
             head = file.read(HEAD_BYTES)
             if not looks_like_image(head, acceptors):
                 return Item(path, skipped=True)
-            data = head + file.read(max_bytes + 1 - len(head))
+            # By its size first: read(n) would allocate all n bytes (MAX_UPLOAD_BYTES) for every file.
+            if os.fstat(file.fileno()).st_size > max_bytes:
+                return too_large
+            file.seek(0)
+            data = file.read()
     except OSError as exc:
         return Item(path, code=UNREADABLE, message=f"cannot read the file: {exc.strerror or exc}")
-    if len(data) > max_bytes:
-        message = f"the file is larger than {max_bytes:,} bytes (MAX_UPLOAD_BYTES)"
-        return Item(path, code=PayloadTooLarge.code, message=message)
-    return Item(path, data)
+    return too_large if len(data) > max_bytes else Item(path, data)  # larger: it grew while being read
 
 
 class Reader:

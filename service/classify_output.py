@@ -115,11 +115,12 @@ class Tally:
         self._drawn = now
         files = self.seen / max(now - self._started, 1e-9)
         done = f"{self.seen}/{self.total} files" if self.total else f"{self.seen} files"
-        left = f", {_duration((self.total - self.seen) / files)} left" if self.total and files else ""
+        left = f", {_duration(max(self.total - self.seen, 0) / files)} left" if self.total and files else ""
         width = 30
-        filled = width * self.seen // self.total if self.total else 0
+        filled = min(width, width * self.seen // self.total) if self.total else 0
         bar = f"[{'#' * filled}{'.' * (width - filled)}] " if self.total else ""
-        self._bar.write(f"\r{bar}{done}, {self.rate():.1f} images/s{left}\033[K")
+        images = self.classified + sum(self.failed.values())
+        self._bar.write(f"\r{bar}{done}, {images} images, {self.rate():.1f} images/s{left}\033[K")
         self._bar.flush()
 
     def summary(self, interrupted: bool) -> str:
