@@ -3,6 +3,7 @@
     python -m benchmarks.saturation              # 5 rounds, about 6 minutes
     python -m benchmarks.saturation --rounds 2 --seconds 5
     python -m benchmarks.saturation --naive      # the naive reference server under the same load too
+    python -m benchmarks.saturation --classify 2000  # `python -m service.classify` on 2,000 JPEGs each round
 
 The machines are shared and their speed drifts by 10-20% within minutes, so one ceiling at the start of a
 long run is a weak yardstick. Each round here measures, back to back on the same cores:
@@ -11,14 +12,15 @@ long run is a weak yardstick. Each round here measures, back to back on the same
    runs per core, the modes that win in benchmarks/engine.py),
 2. the engine with decoding: the same runs, each first decoding and resizing a JPEG with the service's
    own code (no HTTP), i.e. the most the service could reach if HTTP and the load generator were free,
-3. the service under Locust (same JPEGs, multipart, 8 users), with Locust on the same cores; its rate is
+3. with --classify N: `python -m service.classify` over N JPEGs (its own rate, peak RSS, other work meanwhile),
+4. the service under Locust (same JPEGs, multipart, 8 users), with Locust on the same cores; its rate is
    taken over a steady-state window counted by the service itself (benchmarks.harness.window),
-4. with --naive: the naive reference server (benchmarks/baselines/naive_server.py) under the same Locust load,
+5. with --naive: the naive reference server (benchmarks/baselines/naive_server.py) under the same Locust load,
    its rate by Locust's count: whether "1.2x the naive server" (issue 12) fits under the engine-with-decoding
    bound at all (2: no HTTP, no load generator on the cores),
-5. the engine ceiling again.
+6. the engine ceiling again.
 
-Ratios in a round are against the mean of 1 and 5; the result is the median over rounds. An uncounted engine
+Ratios in a round are against the mean of 1 and 6; the result is the median over rounds. An uncounted engine
 phase comes first, so round 0 does not pay for cold caches.
 
 Each phase also records CPU milliseconds per image (engine) or per answered request (service, by thread:
@@ -30,8 +32,12 @@ Writes benchmarks/results/<name>.{json,md} (saturation by default: benchmarks.ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,20 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import engine, payloads
-from benchmarks.harness import (
-    RESULTS,
-    ROOT,
-    SETTLE_S,
-    TAIL_S,
-    command_line,
-    header,
-    naive_system,
-    provenance,
-    save,
-    service_under_load,
-    under_load,
-)
+from benchmarks import engine, harness, payloads
 from service.cpus import available_cpus
 from service.imaging import preprocess
 from service.manifest import Manifest
@@ -63,31 +56,43 @@ def _ceiling(artifact: Path, inputs: np.ndarray, cores: int, seconds: float) -> 
     return max(runs, key=lambda r: float(r["images_per_s"]))
 
 
+def classify(folder: Path) -> dict[str, Any]:
+    """`python -m service.classify` over `folder`: its own rate (its summary), peak RSS, other work meanwhile."""
+    before = dataclasses.replace(harness.snapshot(os.getpid()), process_s=0)  # this process and its children: ours
+    command = [sys.executable, "-m", "service.classify", str(folder), "--quiet", "--out", os.devnull]
+    with subprocess.Popen(command, cwd=harness.ROOT, stderr=subprocess.PIPE, text=True) as process:
+        summary = process.stderr.read() if process.stderr else ""
+        _, status, usage = os.wait4(process.pid, 0)  # its own peak RSS, not the largest of every child's
+        process.returncode = os.waitstatus_to_exitcode(status)
+    rate = re.search(r"classified (\d+) of \1 images .*\(([\d.]+) images/s\)", summary)
+    if rate is None:
+        raise RuntimeError(f"service.classify failed on {folder}: {summary}")
+    work = harness.other_work(before, dataclasses.replace(harness.snapshot(os.getpid()), process_s=0))
+    cpu_ms = round((usage.ru_utime + usage.ru_stime) * 1000 / int(rate[1]), 2)  # the model's load included
+    return {"images": int(rate[1]), "images_per_s": float(rate[2]), "cpu_ms_per_image": cpu_ms,
+            "peak_rss_mb": usage.ru_maxrss // 1024, "other_work": work}  # fmt: skip
+
+
 def _round(
-    index: int, inputs: np.ndarray, images: list[bytes], seconds: float, load_s: int, work: Path, naive: bool
+    index: int, inputs: np.ndarray, images: list[bytes], args: argparse.Namespace, work: Path, folder: Path | None
 ) -> dict[str, Any]:
-    artifact = ROOT / "artifacts"
-    cores = available_cpus()
+    seconds, load_s, artifact, cores = args.seconds, args.load_seconds, harness.ROOT / "artifacts", available_cpus()
     before = _ceiling(artifact, inputs, cores, seconds)
     decoding = engine.with_decoding(artifact, images, cores, seconds)
-    load = service_under_load({}, images, load_s, work, f"round-{index}")
-    baseline = under_load(naive_system, images, load_s, work, f"round-{index}-naive") if naive else None
+    batch = classify(folder) if folder is not None else None  # right after its bound, on the same cores
+    load = harness.service_under_load({}, images, load_s, work, tag := f"round-{index}")
+    baseline = harness.under_load(harness.naive_system, images, load_s, work, f"{tag}-naive") if args.naive else None
     after = _ceiling(artifact, inputs, cores, seconds)
     ceiling = (before["images_per_s"] + after["images_per_s"]) / 2
     engine_cpu = (before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2
     steady = load["window"]
     if not steady["answered"]:
         raise RuntimeError(f"round {index}: the service answered nothing in its window; see {work}/round-{index}.log")
-    service = steady["answered_per_s"]
-    cpu = steady["cpu_ms_per_request"]
+    service, cpu = steady["answered_per_s"], steady["cpu_ms_per_request"]
     row = {
-        "round": index,
-        "engine_before": before["images_per_s"],
-        "engine_after": after["images_per_s"],
-        "engine_with_decoding": decoding["images_per_s"],
-        "service_answered_per_s": service,
-        "service_locust_ok_per_s": load["ok_per_s"],
-        "service_errors": load["errors"],
+        "round": index, "engine_before": before["images_per_s"], "engine_after": after["images_per_s"],
+        "engine_with_decoding": decoding["images_per_s"], "service_answered_per_s": service,
+        "service_locust_ok_per_s": load["ok_per_s"], "service_errors": load["errors"],
         "service_p99_over_p50": load["p99_over_p50"],
         "cpu_ms": {
             "engine per image": round(engine_cpu, 2),
@@ -100,7 +105,15 @@ def _round(
         "service / engine with decoding": round(service / decoding["images_per_s"], 3),
         "service (Locust's count) / engine": round(load["ok_per_s"] / ceiling, 3),
         "engine CPU per image / service CPU per request": round(engine_cpu / cpu["all"], 3),
-    }
+    }  # fmt: skip
+    if batch is not None:
+        per_image = decoding["cpu_ms_per_image"] / batch["cpu_ms_per_image"]
+        row |= {
+            "classify": batch,
+            "classify / engine with decoding": round(batch["images_per_s"] / decoding["images_per_s"], 3),
+            "classify / service answered": round(batch["images_per_s"] / service, 3),
+            "engine with decoding CPU / classify CPU": round(per_image, 3),
+        }
     if baseline is not None:
         rate = baseline["ok_per_s"]
         row |= {
@@ -114,13 +127,10 @@ def _round(
     return row
 
 
-RATIOS = (
-    "decoding / engine",
-    "service / engine",
-    "service / engine with decoding",
-    "service (Locust's count) / engine",
-    "engine CPU per image / service CPU per request",
-)
+RATIOS = ("decoding / engine", "service / engine", "service / engine with decoding",
+          "service (Locust's count) / engine", "engine CPU per image / service CPU per request")  # fmt: skip
+CLASSIFY_RATIOS = ("classify / engine with decoding", "classify / service answered",
+                   "engine with decoding CPU / classify CPU")  # fmt: skip
 NAIVE_RATIOS = (
     "naive / engine with decoding",
     "1.2 x naive / engine with decoding",
@@ -130,24 +140,23 @@ ENGINE_CPU = ("engine per image", "engine with decoding per image")
 CPU_PARTS = ("inference", "decode", "event loop", "load generator", "all")
 
 
+def _row(*cells: object) -> str:
+    return "|" + "|".join(f" {cell} " if cell != "" else " " for cell in cells) + "|"
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
-    median = result["median"]
+    median, rounds, cpu = result["median"], result["rounds"], result["median_cpu_ms"]
     lines = [
-        f"{header(result)} Engine phases {result['seconds']} s, load phases {result['load_s']} s "
+        f"{harness.header(result)} Engine phases {result['seconds']} s, load phases {result['load_s']} s "
         "(8 Locust users on the same cores as the server, 48 distinct JPEGs, multipart `image`); the service's "
         "rate is its steady-state window, counted by its own /metrics.",
         "",
-        "| round | engine before img/s | engine with decoding img/s | service answered/s | engine after img/s "
-        "| decoding / engine | service / engine | service / engine with decoding | service (Locust's count) / engine "
-        "| engine CPU per image / service CPU per request |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rounds"]:
-        lines.append(
-            f"| {r['round']} | {r['engine_before']} | {r['engine_with_decoding']} | {r['service_answered_per_s']} | "
-            f"{r['engine_after']} | " + " | ".join(str(r[k]) for k in RATIOS) + " |"
-        )
-    lines.append("| **median** | | | | | " + " | ".join(f"**{median[k]}**" for k in RATIOS) + " |")
+        _row("round", "engine before img/s", "engine with decoding img/s", "service answered/s", "engine after img/s",
+             *RATIOS), "|---|---|---|---|---|---|---|---|---|---|",
+        *(_row(r["round"], r["engine_before"], r["engine_with_decoding"], r["service_answered_per_s"],
+               r["engine_after"], *(r[k] for k in RATIOS)) for r in rounds),
+        _row("**median**", "", "", "", "", *(f"**{median[k]}**" for k in RATIOS)),
+    ]  # fmt: skip
     if "naive / engine with decoding" in median:
         lines += [
             "",
@@ -155,37 +164,23 @@ def markdown(result: dict[str, Any]) -> list[str]:
             "with decoding is above 1, 1.2x the naive server is more than the engine alone can do with decoding, "
             "without HTTP and without Locust on the cores:",
             "",
-            "| round | naive answered/s (Locust) | naive errors | " + " | ".join(NAIVE_RATIOS) + " |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in result["rounds"]:
-            lines.append(
-                f"| {r['round']} | {r['naive_locust_ok_per_s']} | {r['naive_errors']} | "
-                + " | ".join(str(r[k]) for k in NAIVE_RATIOS)
-                + " |"
-            )
-        lines.append("| **median** | | | " + " | ".join(f"**{median[k]}**" for k in NAIVE_RATIOS) + " |")
-    lines += [
+            _row("round", "naive answered/s (Locust)", "naive errors", *NAIVE_RATIOS), "|---|---|---|---|---|---|",
+            *(_row(r["round"], r["naive_locust_ok_per_s"], r["naive_errors"], *(r[k] for k in NAIVE_RATIOS))
+              for r in rounds),
+            _row("**median**", "", "", *(f"**{median[k]}**" for k in NAIVE_RATIOS)),
+        ]  # fmt: skip
+    return lines + [
+        *(f"`python -m service.classify` round {r['round']}: {r['classify']}, {({k: r[k] for k in CLASSIFY_RATIOS})}"
+          for r in rounds if "classify" in r),
         "",
         "CPU milliseconds per image (engine) and per answered request (service, by thread, and the Locust process):",
         "",
         "| round | engine | engine with decoding | service: inference | decode | event loop | Locust | all |",
         "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rounds"]:
-        c = r["cpu_ms"]
-        lines.append(
-            f"| {r['round']} | {c['engine per image']} | {c['engine with decoding per image']} | "
-            + " | ".join(str(c["service per request"][k]) for k in CPU_PARTS)
-            + " |"
-        )
-    cpu = result["median_cpu_ms"]
-    lines.append(
-        f"| **median** | **{cpu['engine per image']}** | **{cpu['engine with decoding per image']}** | "
-        + " | ".join(f"**{cpu[k]}**" for k in CPU_PARTS)
-        + " |"
-    )
-    return lines
+        *(_row(r["round"], *(r["cpu_ms"][k] for k in ENGINE_CPU), *(r["cpu_ms"]["service per request"][k]
+               for k in CPU_PARTS)) for r in rounds),
+        _row(*(f"**{k}**" for k in ("median", *(cpu[k] for k in (*ENGINE_CPU, *CPU_PARTS))))),
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,35 +188,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0, help="each engine phase")
     parser.add_argument("--load-seconds", type=int, default=20, help="each service phase")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--name", default="saturation")
     parser.add_argument("--naive", action="store_true", help="the naive reference server under the same load too")
+    parser.add_argument("--classify", type=int, metavar="N", help="service.classify on N JPEGs (links after 2,000)")
     args = parser.parse_args(argv)
-    if args.load_seconds < SETTLE_S + TAIL_S + 4:
-        minimum = SETTLE_S + TAIL_S + 4
+    if args.load_seconds < (minimum := harness.SETTLE_S + harness.TAIL_S + 4):
         parser.error(f"--load-seconds must be at least {minimum:g}: the steady-state window needs room")
 
     images = payloads.image_bytes()
-    spec = Manifest.read(ROOT / "artifacts").preprocessing
+    spec = Manifest.read(harness.ROOT / "artifacts").preprocessing
     inputs = np.stack([preprocess(b, spec, 10**9) for b in images[:16]])
-    engine.concurrent(ROOT / "artifacts", inputs, available_cpus(), args.seconds)  # uncounted: warms the caches
+    engine.concurrent(harness.ROOT / "artifacts", inputs, available_cpus(), args.seconds)  # uncounted: warms the caches
     with tempfile.TemporaryDirectory(prefix="saturation-") as tmp:
-        work, naive = Path(tmp), args.naive
-        rounds = [_round(i, inputs, images, args.seconds, args.load_seconds, work, naive) for i in range(args.rounds)]
+        work, folder = Path(tmp), Path(tmp) / "photos" if args.classify else None
+        if folder is not None:  # distinct JPEGs of the large set's sizes; past 2,000, links to them again
+            distinct = payloads.image_paths(min(args.classify, 2000))
+            folder.mkdir()
+            for i in range(args.classify):
+                (folder / f"{i:05d}.jpg").symlink_to(distinct[i % len(distinct)])
+        rounds = [_round(i, inputs, images, args, work, folder) for i in range(args.rounds)]
     cpu = [r["cpu_ms"] | r["cpu_ms"]["service per request"] for r in rounds]  # the engine's and the service's parts
     result = {
-        **provenance(command_line("python -m benchmarks.saturation", argv)),
+        **harness.provenance(harness.command_line("python -m benchmarks.saturation", argv)),
         "seconds": args.seconds,
         "load_s": args.load_seconds,
         "rounds": rounds,
         "median": {
             k: round(statistics.median(r[k] for r in rounds), 3)
-            for k in (*RATIOS, *(NAIVE_RATIOS if args.naive else ()))
+            for k in (*RATIOS, *(NAIVE_RATIOS if args.naive else ()), *(CLASSIFY_RATIOS if args.classify else ()))
             if all(r.get(k) is not None for r in rounds)
         },
         "median_cpu_ms": {k: round(statistics.median(c[k] for c in cpu), 2) for k in (*ENGINE_CPU, *CPU_PARTS)},
     }
-    save(args.out, args.name, result, markdown(result))
+    harness.save(args.out, args.name, result, markdown(result))
     return 0
 
 
