@@ -1,6 +1,6 @@
 """A file's structure, counted from its bytes before Pillow opens it (service/structure.py), and what the cost
 of decoding makes of it (service/imaging.py). Each hostile file is one a review session found: it cost
-100 MB to 1 GB, or seconds of CPU, before these checks (benchmarks/results/decode-cost-before.md)."""
+100 MB to 1 GB, or seconds of CPU, before these checks (docs/security.md, "What one image costs to decode")."""
 
 from __future__ import annotations
 
