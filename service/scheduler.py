@@ -1,15 +1,16 @@
 """The inference scheduler: a bounded queue in front of WORKERS engine workers sharing the model.
 
 Requests wait in one bounded queue; the decode stage (service/decode_stage.py) decodes them in order into a
-small ready queue; each worker takes up to MAX_BATCH of them (waiting at most BATCH_WAIT_MS for a batch to
-fill), runs the model in its own thread, and resolves each request (service/waiter.py is how a request waits).
+small ready queue; each worker takes what waits there, up to MAX_BATCH (and, only with BATCH_WAIT_MS, waits
+that long for a batch to fill), runs the model in its own thread, and resolves each request (service/waiter.py
+is how a request waits).
 
 How many cores a run gets is decided per run, from the scheduler's own state: a run that starts while no
 other run is in the engine and nobody waits is *wide* (every core: a lone request is answered as fast as the
 engine allows); any other run is narrow (one core each: on 2 cores two single-threaded runs side by side
 beat one two-threaded run).
 
-A lone image that finds the scheduler idle (nothing queued, being decoded or in the engine; MAX_BATCH 1) has
+A lone image that finds the scheduler idle (nothing queued, being decoded or in the engine; no BATCH_WAIT_MS) has
 nothing to overlap with: it goes to the workers undecoded, and the worker's thread decodes it just before its
 run, sparing it two event-loop wake-ups (to a decode thread and back).
 """
@@ -75,6 +76,12 @@ class SchedulerHooks:
     on_probabilities: Callable[[np.ndarray], None] = lambda probabilities: None
 
 
+def share(waiting: int, idle_workers: int, max_batch: int) -> int:
+    """How many of `waiting` decoded images a worker takes: an equal part for each worker not in the engine (so
+    no core idles while another runs a long batch), up to max_batch."""
+    return min(max_batch, -(-waiting // max(1, idle_workers)))
+
+
 def _ids(jobs: list[Job]) -> dict[str, str]:
     """The IDs of the requests `jobs` belong to, for a log line written off the requests' own tasks (its
     `extra`: service/logs.py writes them)."""
@@ -99,6 +106,8 @@ class Scheduler:
         self._neighbours = neighbours
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_s
+        # A batch held open for BATCH_WAIT_MS waits for images decoded: a lone image then goes to the decoders too.
+        self._holds_for_company = max_batch > 1 and batch_wait_s > 0
         self._retry_after = str(retry_after_s)
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         # Decoded, waiting for a worker: each worker's next two batches, so a slow decoding (a large photo, a
@@ -109,7 +118,8 @@ class Scheduler:
         self._pool = named_pool(workers, "inference")
         self._decode = DecodeStage(decoders, self._queue, self._ready, self._report_depth)
         self._tasks: list[asyncio.Task[None]] = []
-        self._in_flight = 0
+        self._in_flight = 0  # images in the engine
+        self._runs = 0  # runs in the engine
         self._closing = False
         # Set once a run has ended with nothing else in the engine or waiting (cleared when one starts).
         self._settled = asyncio.Event()
@@ -156,7 +166,7 @@ class Scheduler:
         jobs = [Job(pixels, deadline.at, engine, loop.create_future(), record) for pixels in images]
         if record is not None:
             record.queued = time.perf_counter()
-        if len(jobs) == 1 and self._max_batch == 1 and self._idle():
+        if len(jobs) == 1 and not self._holds_for_company and self._idle():
             # Straight to the workers, undecoded: the worker's thread decodes it just before the run.
             self._ready.put_nowait(jobs[0])
         else:
@@ -167,7 +177,13 @@ class Scheduler:
 
     async def _next_batch(self) -> list[Job]:
         jobs = [await self._ready.get()]
-        if self._max_batch > 1:
+        if isinstance(jobs[0].pixels, np.ndarray):  # else a lone image, undecoded: it runs alone (infer)
+            # What already waits joins the run, up to MAX_BATCH: nothing is held back for company unless
+            # BATCH_WAIT_MS says so.
+            take = share(1 + self._ready.qsize(), self._workers - self._runs, self._max_batch)
+            while len(jobs) < take:
+                jobs.append(self._ready.get_nowait())
+        if len(jobs) < self._max_batch and self._batch_wait_s > 0:
             loop = asyncio.get_running_loop()
             until = loop.time() + self._batch_wait_s
             while len(jobs) < self._max_batch:
@@ -203,6 +219,7 @@ class Scheduler:
     async def _run_on(self, engine: Engine, live: list[Job]) -> None:
         """Run `live` on an inference thread; return once its jobs have their answers."""
         self._settled.clear()
+        self._runs += 1
         self._count_in_engine(len(live))
         loop = asyncio.get_running_loop()
         answered = loop.create_future()
@@ -219,6 +236,7 @@ class Scheduler:
                     if not job.future.done():
                         job.future.set_exception(exc)
             finally:  # whatever happened above: this worker must go on to the next batch
+                self._runs -= 1
                 self._count_in_engine(-len(live))
                 if self._idle():
                     self._settled.set()

@@ -102,7 +102,7 @@ class Settings:
     # gets THREADS // WORKERS intra-op threads (1 by default: one single-threaded run per core).
     workers: int = 1
     max_batch: int = 1
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     max_queue: int = 64
     request_timeout_s: float = 30.0
     decode_threads: int = 1
@@ -149,7 +149,7 @@ class Settings:
             otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip(),
             workers=_int(env, "WORKERS", threads),
             max_batch=_int(env, "MAX_BATCH", 1),
-            batch_wait_ms=_float(env, "BATCH_WAIT_MS", 2.0, minimum=0.0),
+            batch_wait_ms=_float(env, "BATCH_WAIT_MS", 0.0, minimum=0.0),
             max_queue=_int(env, "MAX_QUEUE", 64),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 30.0, minimum=0.001),
             decode_threads=_int(env, "DECODE_THREADS", default_decode_threads(threads)),

@@ -147,8 +147,8 @@ def test_admission_sheds_the_overload_with_503_and_recovers(slow_artifact: Path,
 
 
 def test_a_full_queue_sheds_with_503_when_it_binds_first(slow_artifact: Path, tmp_path: Path) -> None:
-    # MAX_BATCH=4 gives admission room for 2 + 4 = 6, but BATCH_WAIT_MS=0 has the worker run one image at a
-    # time: one in the engine and two waiting fill the queue first. Unbounded, the queue would never refuse.
+    # MAX_BATCH=4 gives admission room for 2 + 4 = 6, but one in the engine and two waiting fill the queue
+    # first. Unbounded, the queue would never refuse.
     env = {"WORKERS": "1", "THREADS": "1", "MAX_QUEUE": "2", "MAX_BATCH": "4", "BATCH_WAIT_MS": "0"}
     with running_service(slow_artifact, tmp_path / "server.log", **env) as server:
         messages = _overload_messages(_blast(server, clients=16, requests=24))

@@ -24,7 +24,7 @@ import pytest
 from service.deadline import Deadline
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage, Overloaded
 from service.metrics import Metrics
-from service.scheduler import Decode, Job, Scheduler
+from service.scheduler import Decode, Job, Scheduler, share
 from tests.helpers import GatedClassifier, until
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "dark": (10, 10, 10)}
@@ -194,6 +194,42 @@ def test_a_short_batch_wait_still_takes_what_is_already_queued(engine: Recording
     answers = asyncio.run(scenario())
     assert [_classes(engine, rows)[0] for rows in answers] == ["red", "dark"]
     assert (engine.runs, engine.images) == (1, 2)
+
+
+def test_without_a_batch_wait_what_waits_runs_together_and_a_lone_image_waits_for_nothing(
+    engine: RecordingClassifier,
+) -> None:
+    # MAX_BATCH=4, BATCH_WAIT_MS=0 (adaptive): the first image finds the scheduler idle and runs at once, alone
+    # and undecoded as with MAX_BATCH=1; the three that queue behind it run as one batch once the engine is free.
+    decoded_on: list[str] = []
+
+    def decode() -> np.ndarray:
+        decoded_on.append(threading.current_thread().name)
+        return _pixels("red")
+
+    async def scenario() -> list[list[np.ndarray]]:
+        async with _running(max_batch=4, batch_wait_s=0.0) as (scheduler, metrics):
+            with engine.held():
+                first = asyncio.ensure_future(scheduler.infer(engine, [decode], Deadline.after(TIMEOUT_S)))
+                await until(lambda: engine.runs == 1, "the lone image in the engine")
+                behind = [_infer(scheduler, engine, [name]) for name in ("green", "blue", "dark")]
+                await until(lambda: _value(metrics, "inference_queue_depth") == 3, "three images waiting")
+            return [await first] + [await task for task in behind]
+
+    answers = asyncio.run(scenario())
+    assert [_classes(engine, rows)[0] for rows in answers] == ["red", "green", "blue", "dark"]
+    assert (engine.runs, engine.images) == (2, 4)
+    assert decoded_on == ["inference_0"], decoded_on
+
+
+@pytest.mark.parametrize(
+    ("waiting", "idle_workers", "max_batch", "taken"),
+    [(1, 2, 4, 1), (4, 2, 4, 2), (3, 2, 8, 2), (4, 1, 4, 4), (9, 1, 4, 4), (5, 0, 8, 5)],
+)
+def test_a_worker_takes_its_share_of_what_waits(waiting: int, idle_workers: int, max_batch: int, taken: int) -> None:
+    # With both workers free, four waiting images make two runs of two (on 2 cores, side by side), not one of
+    # four beside an idle core; a worker alone takes all that waits, up to MAX_BATCH.
+    assert share(waiting, idle_workers, max_batch) == taken
 
 
 def test_several_images_without_a_watcher_are_answered_in_order_one_run_each(engine: RecordingClassifier) -> None:
