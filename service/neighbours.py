@@ -27,7 +27,31 @@ INTERVAL_S = 0.25
 BUSY_CORES = 0.5
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 _STAT = Path("/proc/stat")
-_CGROUP_STAT = Path("/sys/fs/cgroup/cpu.stat")
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def _cpu_stat_dirs(controllers: str, root: Path) -> list[Path]:
+    if controllers == "":  # cgroup v2: one hierarchy
+        return [root]
+    if "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's own hierarchy
+        return [root / "cpu", root / "cpu,cpuacct"]
+    return []
+
+
+def find_cgroup_stat(own: Path = Path("/proc/self/cgroup"), root: Path = _CGROUP) -> Path:
+    """This process's cgroup cpu.stat, cgroup v2 (`0::/path`) or v1 (`4:cpu,cpuacct:/path`), as the process
+    sees it: at the path, or at the hierarchy's root in a container that has its own cgroup namespace."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for base in _cpu_stat_dirs(controllers, root):
+            for candidate in (base / path.lstrip("/") / "cpu.stat", base / "cpu.stat"):
+                if candidate.exists():
+                    return candidate
+    return root / "cpu.stat"
 
 
 def _busy_ticks(cpus: set[int], text: str) -> int:
@@ -45,8 +69,10 @@ def _throttled_s(path: Path) -> float:
     try:
         for line in path.read_text().splitlines():
             key, _, value = line.partition(" ")
-            if key == "throttled_usec":
+            if key == "throttled_usec":  # cgroup v2
                 return int(value) / 1e6
+            if key == "throttled_time":  # cgroup v1, in nanoseconds
+                return int(value) / 1e9
     except (OSError, ValueError):
         pass
     return 0.0
@@ -58,11 +84,11 @@ class Neighbours:
     def __init__(
         self,
         stat: Path = _STAT,
-        cgroup_stat: Path = _CGROUP_STAT,
+        cgroup_stat: Path | None = None,
         on_sample: Callable[[float], None] = lambda cores: None,
     ) -> None:
         self._stat = stat
-        self._cgroup_stat = cgroup_stat
+        self._cgroup_stat = cgroup_stat if cgroup_stat is not None else find_cgroup_stat()
         self._on_sample = on_sample
         self._cpus = os.sched_getaffinity(0)
         self._busy = False

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service import neighbours
 from service.deadline import Deadline
@@ -43,18 +44,42 @@ def test_other_work_on_our_cores_is_seen(tmp_path: Path) -> None:
     assert watch.busy() is False and seen[-1] == 0
 
 
-def test_throttling_by_the_cgroup_counts_as_busy(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ("usage_usec 10\nthrottled_usec 100\n", "usage_usec 20\nthrottled_usec 5000\n"),  # cgroup v2
+        ("nr_throttled 0\nthrottled_time 0\n", "nr_throttled 3\nthrottled_time 45000000\n"),  # v1, nanoseconds
+    ],
+)
+def test_throttling_by_the_cgroup_counts_as_busy(tmp_path: Path, before: str, after: str) -> None:
     stat, cgroup = tmp_path / "stat", tmp_path / "cpu.stat"
     _write_stat(stat, 0)
-    cgroup.write_text("usage_usec 10\nthrottled_usec 100\n")
+    cgroup.write_text(before)
     watch = Neighbours(stat=stat, cgroup_stat=cgroup)
     time.sleep(0.05)
     watch.sample()
     assert watch.busy() is False
-    cgroup.write_text("usage_usec 20\nthrottled_usec 5000\n")
+    cgroup.write_text(after)
     time.sleep(0.05)
     watch.sample()
     assert watch.busy() is True
+
+
+def test_the_cgroup_stat_read_is_this_process_own_under_v1_and_v2(tmp_path: Path) -> None:
+    own = tmp_path / "cgroup"
+    pod = "kubepods/pod1/abc"
+    for stat in (tmp_path / "cpu,cpuacct" / pod / "cpu.stat", tmp_path / pod / "cpu.stat", tmp_path / "cpu.stat"):
+        stat.parent.mkdir(parents=True, exist_ok=True)
+        stat.write_text("throttled_usec 0\n")
+    # cgroup v1 (hybrid: the unified line is there too, its hierarchy elsewhere), the cpu controller's path.
+    own.write_text(f"4:memory:/{pod}\n3:cpu,cpuacct:/{pod}\n0::/\n")
+    assert neighbours.find_cgroup_stat(own, tmp_path) == tmp_path / "cpu,cpuacct" / pod / "cpu.stat"
+    # cgroup v2.
+    own.write_text(f"0::/{pod}\n")
+    assert neighbours.find_cgroup_stat(own, tmp_path) == tmp_path / pod / "cpu.stat"
+    # Its own cgroup namespace: the path is not there, the hierarchy's root is the process's cgroup.
+    own.write_text("0::/elsewhere\n")
+    assert neighbours.find_cgroup_stat(own, tmp_path) == tmp_path / "cpu.stat"
 
 
 def test_a_real_busy_process_beside_is_seen_by_the_watching_thread() -> None:
