@@ -2,15 +2,13 @@
 
     python -m benchmarks.ab --variant "" --variant "WORKERS=4"             # 4 rounds, about 5 minutes
     python -m benchmarks.ab --variant "" --variant "WIDE_RUNS=never" --users 1 --neighbour   # beside a busy loop
-    python -m benchmarks.ab --variant "" --variant "@HEAD~1" --users 32    # this code against its parent's
+    python -m benchmarks.ab --variant "" --variant "@HEAD~1" --users 32 --set small
 
-Each variant is a space-separated list of environment settings for `python -m service` ("" = the defaults),
-optionally with one `@REV`: the service's code then comes from that git revision (`git archive REV service`),
-while the artifact, the load and the harness stay the working tree's, so a code change is measured alone.
-Each round runs each variant once, in alternating order (A B, B A, ...), so a machine that speeds up or slows
-down favours neither: a fresh server, a warm-up, then --users Locust users; throughput and CPU per answer from
-the service's steady-state window. The summary: the median over rounds of each variant's ratio to the first.
-Writes benchmarks/results/<name>.{json,md} with --name, else under benchmarks/.cache/results/.
+A variant is environment settings for `python -m service` ("" = the defaults) and optionally one `@REV`: the
+service's code from that revision, with the working tree's artifact, load and harness. Each round runs every
+variant on a fresh server, in alternating order; throughput and CPU per answer come from the service's
+steady-state window; the summary is the median over rounds of each variant's ratio to the first. Writes
+benchmarks/results/<name>.{json,md} with --name, else under benchmarks/.cache/results/.
 """
 
 from __future__ import annotations
@@ -81,7 +79,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
     lines = [
         f"{header(result)} {len(result['rounds'])} rounds; each run: fresh server, {result['users']} Locust users "
         f"for {result['seconds']} s on the same cores{' beside a busy loop' if result.get('neighbour') else ''}, 48 "
-        "distinct JPEGs; throughput and CPU from the steady-state window counted by the service's /metrics.",
+        f"distinct JPEGs ({result.get('image_set', 'large')} set); throughput and CPU from the steady-state window "
+        "counted by the service's /metrics.",
         "",
         f"| variant | answered/s (median) | throughput / {first} (median of rounds) | by round | p99/p50 | errors "
         "| CPU ms/request: inference | decode | event loop | other | load generator | total "
@@ -106,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=30, help="each run's Locust phase")
     parser.add_argument("--users", type=int, default=USERS, help="Locust users (concurrent clients) in each run")
     parser.add_argument("--neighbour", action="store_true", help="another process spins on one core throughout")
+    parser.add_argument("--set", choices=list(payloads.SETS), default="large", help="the image set (payloads.py)")
     add_output_options(parser, "ab")
     args = parser.parse_args(argv)
     variants: list[Variant] = args.variant
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds < SETTLE_S + TAIL_S + 6 or args.users < 1:
         parser.error(f"--seconds must be at least {SETTLE_S + TAIL_S + 6:g}, --users at least 1")
 
-    images = payloads.image_bytes()
+    images = payloads.image_set(args.set)
     rounds = []
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.neighbour else None
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp, contextlib.ExitStack() as stack:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {}
             for j, v in enumerate(order):
                 runs[v.label] = service_under_load(
-                    v.env, images, args.seconds, work, f"round{i}-{j}", args.users, code[v.label]
+                    v.env, images, args.seconds, work, f"round{i}-{j}", args.users, code[v.label], args.set
                 )
                 print(f"round {i} {v.label}: {runs[v.label].get('window')}", flush=True)
             rounds.append({"round": i, "order": [v.label for v in order], "runs": runs})
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "users": args.users,
         "neighbour": args.neighbour,
+        "image_set": args.set,
         "variants": [v.label for v in variants],
         "rounds": rounds,
         "summary": summarize(variants, rounds),

@@ -1,21 +1,12 @@
 """A capacity plan from the committed benchmark results: replicas, cores and memory for a load and a p99 target.
 
     python -m benchmarks.capacity --rps 1000 --p99-ms 300
-    python -m benchmarks.capacity --rps 50 --p99-ms 250 --results some/other/results --out /tmp/plan
 
-Nothing is measured here. The inputs are read from `latest.json` (written by `python -m benchmarks.run`) and
-`saturation.json` (`python -m benchmarks.saturation`), and every figure in the plan names the file and the
-field it came from. The replica is the shape those runs measured: the `service-int8` system on the machine's
-cores, one single-threaded engine worker per core (the deployment's CPU limit, deploy/k8s/deployment.yaml).
-
-The latency model: a replica is c = cores servers, each answering at the measured throughput / c. Requests
-arriving at random (open loop, unlike the benchmark's closed-loop clients) wait as in an M/M/c queue: the
-p99 wait is ln(C / 0.01) / (c*mu - lambda), C the Erlang C probability of waiting. The p99 answer is that
-wait plus the measured p99 of one decode + inference (no queue). The plan runs each replica at the highest
-utilization whose p99 stays within the target, never above --max-utilization (the machines' speed drifted by
-10% within one run), then adds --spare replicas so that losing one keeps the rest within it. M/M/c assumes
-exponential service times; ours vary much less, so the estimate errs on the safe side. docs/scaling.md
-explains the plan and what changes at 10x and 100x the load. Writes <out>/<name>.{json,md}.
+Nothing is measured here: the inputs come from `latest.json` (benchmarks.run) and `saturation.json`
+(benchmarks.saturation), and every figure names the file and field it came from. A replica is c = cores servers
+in an M/M/c queue (p99 wait ln(C / 0.01) / (c*mu - lambda), C the Erlang C probability) plus the measured p99 of
+one request alone, run at the highest utilization within the target (at most --max-utilization), plus --spare
+replicas. Exponential service times err on the safe side. docs/scaling.md explains the plan.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Cold start, A/B: launch to the first answered `/infer`, many launches per variant, interleaved.
 
     python -m benchmarks.cold_start --variant "@HEAD~1" --variant ""     # about 1 minute
-    python -m benchmarks.cold_start --variant @cb12cb5 --variant "" --launches 10 --name cold-start
-    python -m benchmarks.cold_start --variant "" --launches 3 --out /tmp/x
-    python -m benchmarks.cold_start --variant "" --naive                  # ours beside the naive server
-    python -m benchmarks.cold_start --variant "" --naive --imports        # and the imports alone: the floor
+    python -m benchmarks.cold_start --variant "" --naive --imports        # beside the naive server and the floor
 
-The cold-start column of `python -m benchmarks.run` (benchmarks.harness.start: launch `python -m service` on the
-committed artifact, post one JPEG until it is answered), repeated: one launch is one sample of a figure that moves
-by tens of milliseconds with the machine's load. Variants are given as in benchmarks.ab. Round 0 runs every
-variant once uncounted (the page cache is then warm for all); then each round launches every variant once, in
-alternating order. --naive adds the naive reference server (benchmarks/baselines/naive_server.py); --imports, a
-Python that only imports what any Starlette + onnxruntime server imports before it can answer (IMPORTS), timed to
-the line it prints when done: the floor under every cold start beside it. Writes benchmarks/results/<name>.{json,md}
-when given --name, else the same under benchmarks/.cache/results/.
+Each launch (benchmarks.harness.start) is one sample of a figure that moves by tens of milliseconds with the
+machine's load. Round 0 runs every variant once uncounted (a warm page cache for all), then each round launches
+each once, in alternating order. --naive adds the naive server; --imports a Python that only imports what any
+Starlette + onnxruntime server imports (IMPORTS): the floor. Variants and output as in benchmarks.ab.
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
-"""The images, measured: each image's own layers (everything above the base), what each package costs in the serve
-image, and the serve container's cold start (launch to the first answered /infer) next to the venv's.
+"""The images, measured: each image's own layers (above the base), what each package costs in the serve image,
+the serve container's cold start next to the venv's, and, with --quota, the serve image under a CPU quota.
 
     python -m benchmarks.container                                  # about 2 minutes with the images cached
     python -m benchmarks.container --baseline-rev b95e470 --launches 8
+    python -m benchmarks.container --quota 1.5 --users 1 8          # under `podman run --cpus 1.5`, ~6 minutes
 
-Builds both Dockerfiles with podman exactly as tests/test_container.py does (scripts/podman-setup, the stand-in
-base from scripts/container-base, `podman build --format docker --pull=never --network host`; docs/containers.md).
-`--baseline-rev REV` also builds the serve image from that revision's Dockerfile (on this tree's service/ and
-artifacts/) and reports its sizes beside: what a change to the Dockerfile saved. Cold start launches
-`podman run --rm --read-only --network host` of the serve image and `python -m service` of this tree, both on the
-committed artifact, interleaved (round 0 uncounted, as in benchmarks.cold_start). Writes
-benchmarks/results/<name>.{json,md}.
+Builds the Dockerfiles with podman as tests/test_container.py does (docs/containers.md); `--baseline-rev REV`
+also builds that revision's Dockerfile and reports its sizes beside. Cold start: `podman run --rm --read-only`
+of the serve image against `python -m service`, interleaved. `--quota CPUS`: the service and the naive server
+(mounted into the same image) under `--cpus CPUS`, alternating, fresh per point; Locust at each `--users` level;
+answered/s, p50, p99 and the container cgroup's throttled time per answered request. Writes <name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,14 +29,19 @@ from benchmarks import payloads
 from benchmarks.harness import (
     RESULTS,
     ROOT,
+    SCRATCH,
     System,
+    alternating,
     cold_start_s,
     command_line,
+    launch,
     launch_rounds,
+    locust,
     provenance,
     save,
     service_system,
     spread,
+    warm_up,
 )
 
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
@@ -129,6 +133,89 @@ def container(tag: str, port: int) -> System:
     return System("container", command, {})
 
 
+QUOTA_CONTAINER = "car-classifier-quota"
+QUOTA_FIGURES = ("ok_per_s", "p50_ms", "p99_ms", "errors", "throttled_periods", "throttled_ms_per_request")
+
+
+def quota_system(cpus: float, naive: bool, port: int) -> System:
+    """The serve image under `podman run --cpus`: the service, or the naive server on the image's Python."""
+    command = [*PODMAN, "run", "--rm", "--read-only", "--network", "host", "--cpus", str(cpus),
+               "--name", QUOTA_CONTAINER, "-e", f"PORT={port}", "-e", "HOST=127.0.0.1",
+               "-e", "LOG_LEVEL=warning"]  # fmt: skip
+    if not naive:
+        return System("service", [*command, SERVE], {})
+    command += ["-v", f"{ROOT / 'benchmarks'}:/app/benchmarks:ro", "-e", "MODEL_DIR=/app/artifacts", SERVE,
+                "python", "-m", "uvicorn", "benchmarks.baselines.naive_server:app",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    return System("naive", command, {})
+
+
+def throttled() -> tuple[int, float]:
+    """The quota container's cgroup so far: periods throttled, seconds throttled (cgroup v1 or v2 cpu.stat)."""
+    pid = podman("inspect", "--format", "{{.State.Pid}}", QUOTA_CONTAINER).strip()
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers in ("", "cpu", "cpu,cpuacct"):
+            root = Path("/sys/fs/cgroup") / ("cpu" if controllers else "") / path.lstrip("/")
+            if (root / "cpu.stat").exists():
+                stat = dict(row.split() for row in (root / "cpu.stat").read_text().splitlines())
+                ns = int(stat["throttled_time"]) if "throttled_time" in stat else int(stat["throttled_usec"]) * 1000
+                return int(stat["nr_throttled"]), ns / 1e9
+    raise RuntimeError(f"no cpu.stat for container {QUOTA_CONTAINER} (pid {pid})")
+
+
+def quota_point(
+    cpus: float, naive: bool, users: int, seconds: int, images: list[bytes], prefix: Path
+) -> dict[str, Any]:
+    with launch(partial(quota_system, cpus, naive), images[0], prefix.with_suffix(".log")) as server:
+        warm_up(server.url, images, users, 3)
+        periods_before, spent_before = throttled()
+        load = locust(server.url, users, seconds, prefix)
+        periods_after, spent_after = throttled()
+    periods, spent = periods_after - periods_before, spent_after - spent_before
+    answered = max(1, load["requests"] - load["errors"])
+    return {
+        **{k: load[k] for k in ("ok_per_s", "p50_ms", "p99_ms", "errors")},
+        "throttled_periods": periods,
+        "throttled_ms_per_request": round(spent * 1000 / answered, 2),
+    }
+
+
+def quota_runs(cpus: float, levels: list[int], rounds: int, seconds: int, work: Path) -> dict[str, Any]:
+    images, points = payloads.image_bytes(), []
+    for r in range(rounds):
+        for users in levels:
+            for system in alternating(["service", "naive"], r):
+                point = quota_point(cpus, system == "naive", users, seconds, images, work / f"{r}-{users}-{system}")
+                points.append({"round": r, "users": users, "system": system, **point})
+                print(points[-1], flush=True)
+    summary = []
+    for users in levels:
+        for system in ("service", "naive"):
+            mine = [p for p in points if p["users"] == users and p["system"] == system]
+            medians = {k: statistics.median(p[k] for p in mine) for k in QUOTA_FIGURES}
+            summary.append({"users": users, "system": system, **medians})
+    return {"cpus": cpus, "seconds": seconds, "rounds": rounds, "points": points, "summary": summary}
+
+
+def quota_markdown(result: dict[str, Any]) -> list[str]:
+    q = result["quota"]
+    lines = [
+        f"Command: `{result['command']}` ({result['created_at']}); {result['machine']['cpu']}, podman "
+        f"{result['podman']}. The serve image under `--cpus {q['cpus']}`, a fresh container per point, 3 s warm-up, "
+        f"{q['seconds']} s of Locust (large set); medians of {q['rounds']} rounds; throttled: the container "
+        "cgroup's cpu.stat over the Locust phase.",
+        "",
+        "| clients | system | answered/s | p50 ms | p99 ms | errors | throttled periods | throttled ms per request |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in q["summary"]:
+        cells = [f"{r['ok_per_s']:.2f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['errors']:g}"]
+        cells += [f"{r['throttled_periods']:g}", f"{r['throttled_ms_per_request']:.2f}"]
+        lines.append(f"| {r['users']} | {r['system']} | {' | '.join(cells)} |")
+    return lines
+
+
 def cold_starts(launches: int, image: bytes, work: Path) -> dict[str, Any]:
     rounds, _ = launch_rounds(
         [
@@ -210,14 +297,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.container", description=__doc__.split("\n\n")[0])
     parser.add_argument("--launches", type=int, default=8, help="counted cold starts of each (0: sizes only)")
     parser.add_argument("--baseline-rev", help="also build the serve image from this revision's Dockerfile")
+    parser.add_argument("--quota", type=float, metavar="CPUS", help="only the serve image under podman --cpus CPUS")
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 8], help="with --quota: Locust users per point")
+    parser.add_argument("--rounds", type=int, default=3, help="with --quota")
+    parser.add_argument("--seconds", type=int, default=20, help="with --quota: each point's Locust phase")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="container")
+    parser.add_argument("--name", help="default: container, or quota-CPUS with --quota")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("podman runs as root here (docs/containers.md)")
 
     prepare()
     build(ROOT / "Dockerfile", SERVE)
+    if args.quota:
+        with tempfile.TemporaryDirectory(prefix="quota-bench-") as tmp:
+            quota = quota_runs(args.quota, args.users, args.rounds, args.seconds, Path(tmp))
+        measured = {
+            **provenance(command_line("python -m benchmarks.container", argv)),
+            "podman": podman("version", "--format", "{{.Client.Version}}").strip(),
+            "quota": quota,
+        }
+        out = args.out if args.name or args.out != RESULTS else SCRATCH  # an unnamed quota run is scratch
+        save(out, args.name or f"quota-{args.quota:g}", measured, quota_markdown(measured))
+        return 0
     build(ROOT / "Dockerfile.export", EXPORT)
     images = {"serve": {**layers(SERVE), "packages": package_sizes(SERVE)}, "export": layers(EXPORT)}
     with tempfile.TemporaryDirectory(prefix="container-bench-") as tmp:
@@ -243,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             before = os.getloadavg()[0]
             result["cold_start"] = cold_starts(args.launches, payloads.image_bytes()[0], work)
             result["cold_start"]["load_average_1min"] = [round(before, 1), round(os.getloadavg()[0], 1)]
-    save(args.out, args.name, result, markdown(result))
+    save(args.out, args.name or "container", result, markdown(result))
     return 0
 
 

@@ -1,9 +1,6 @@
-"""What every benchmark here is built from: launch and stop a server, load it with Locust, count where the CPU goes,
-and write the result (JSON, a Markdown table, a plot) with the command, date and machine that made it.
-
-Throughput on these shared machines drifts by 10-20% within minutes; CPU seconds per answered request drift much
-less, and they say which part of the service pays for what. The service names its threads (`inference_0`,
-`decode_1`: service/threads.py); its main thread runs the event loop.
+"""What every benchmark here is built from: launch and stop a server, load it with Locust, count where the CPU goes
+(by thread name: `inference_0`, `decode_1`, the main thread's event loop), and write the result (JSON, a Markdown
+table, a plot) with the command, date and machine that made it.
 """
 
 from __future__ import annotations
@@ -616,18 +613,27 @@ def under_load(
     tag: str,
     users: int = 8,
     steady: bool = False,
+    image_set: str = "large",
 ) -> dict[str, Any]:
-    """A fresh server (`system_on(port)`), warmed up, then `users` Locust users for `seconds`: Locust's summary,
-    with the service's steady-state window ("window") if `steady`."""
+    """A fresh server (`system_on(port)`), warmed up, then `users` Locust users for `seconds` sending `image_set`
+    (`images` are its images): Locust's summary, with the service's steady-state window ("window") if `steady`."""
     with launch(system_on, images[0], work / f"{tag}.log") as server:
         warm_up(server.url, images, users, 3, server.system.request)
         during = partial(window, server.url, server.process.pid, duration_s=seconds) if steady else None
-        return locust(server.url, users, seconds, work / tag, during=during)
+        return locust(server.url, users, seconds, work / tag, during=during, env={"BENCH_IMAGE_SET": image_set})
 
 
 def service_under_load(
-    env: dict[str, str], images: list[bytes], seconds: int, work: Path, tag: str, users: int = 8, code: Path = ROOT
+    env: dict[str, str],
+    images: list[bytes],
+    seconds: int,
+    work: Path,
+    tag: str,
+    users: int = 8,
+    code: Path = ROOT,
+    image_set: str = "large",
 ) -> dict[str, Any]:
-    """A fresh `python -m service` from `code` on the committed artifact (plus `env`) under load, with its
-    steady-state window."""
-    return under_load(partial(service_system, tag, env, code), images, seconds, work, tag, users, steady=True)
+    """A fresh `python -m service` from `code` on the committed artifact (plus `env`) under load (`images`, those
+    of `image_set` in benchmarks/payloads.py), with its steady-state window."""
+    system = partial(service_system, tag, env, code)
+    return under_load(system, images, seconds, work, tag, users, steady=True, image_set=image_set)

@@ -1,15 +1,10 @@
 """Locust load test for POST /infer, sending real JPEG bytes as the original's clients do.
 
-    locust -f benchmarks/locustfile.py --host http://127.0.0.1:4000
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:4000 --headless -u 8 -r 8 -t 60s --csv out/run
 
-A request counts as a success only if the status is 200 and the JSON answer has a "class". A failure's message
-starts with "status NNN:" (0: no HTTP answer), and a 503 that carries Retry-After (load shedding, as
-documented) says so next: "status 503: [Retry-After 1] ...". BENCH_IMAGE_SET names the image set
-(benchmarks/payloads.py SETS; default "large"). With --csv PREFIX, the failures are also written to
-PREFIX_failures.json when Locust quits: its _failures.csv is rewritten only once a second, so it can miss the
-last second's failures. Each request's own time goes to PREFIX_times.json (milliseconds, failures included):
-Locust's percentiles are whole milliseconds below 100 ms, too coarse to compare two servers at one client.
+A success is a 200 with a "class". A failure's message starts with "status NNN:" (0: no HTTP answer; a 503 with
+Retry-After says so next). BENCH_IMAGE_SET names the image set (payloads.SETS). With --csv PREFIX, failures go
+to PREFIX_failures.json and each request's own time in ms to PREFIX_times.json (Locust's are whole ms).
 """
 
 from __future__ import annotations

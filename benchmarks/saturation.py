@@ -5,28 +5,12 @@
     python -m benchmarks.saturation --naive      # the naive reference server under the same load too
     python -m benchmarks.saturation --classify 2000  # `python -m service.classify` on 2,000 JPEGs each round
 
-The machines are shared and their speed drifts by 10-20% within minutes, so one ceiling at the start of a
-long run is a weak yardstick. Each round here measures, back to back on the same cores:
-
-1. the engine ceiling (onnxruntime alone on preprocessed arrays; the better of one and two single-threaded
-   runs per core, the modes that win in benchmarks/engine.py),
-2. the engine with decoding: the same runs, each first decoding and resizing a JPEG with the service's
-   own code (no HTTP), i.e. the most the service could reach if HTTP and the load generator were free,
-3. with --classify N: `python -m service.classify` over N JPEGs (its own rate, peak RSS, other work meanwhile),
-4. the service under Locust (same JPEGs, multipart, 8 users), with Locust on the same cores; its rate is
-   taken over a steady-state window counted by the service itself (benchmarks.harness.window),
-5. with --naive: the naive reference server (benchmarks/baselines/naive_server.py) under the same Locust load,
-   its rate by Locust's count: whether "1.2x the naive server" (issue 12) fits under the engine-with-decoding
-   bound at all (2: no HTTP, no load generator on the cores),
-6. the engine ceiling again.
-
-Ratios in a round are against the mean of 1 and 6; the result is the median over rounds. An uncounted engine
-phase comes first, so round 0 does not pay for cold caches.
-
-Each phase also records CPU milliseconds per image (engine) or per answered request (service, by thread:
-inference, decode, event loop; and the Locust process). Those drift far less than throughput, and they
-show where the gap goes: the engine pays only for inference, the service also for everything around it.
-Writes benchmarks/results/<name>.{json,md} (saturation by default: benchmarks.capacity reads it).
+Each round, back to back on the same cores (machines drift 10-20% within minutes): the engine ceiling, the engine
+with decoding (the service's own preprocessing, no HTTP: the most the service could reach), with --classify
+`python -m service.classify`, the service under 8 Locust users (its rate over a steady-state window), with
+--naive the naive server, and the ceiling again. Ratios are against the mean of the two ceilings, medians over
+rounds; each phase records CPU ms per image or per answered request by thread (docs/benchmarks.md). Writes
+benchmarks/results/<name>.{json,md} (saturation by default: benchmarks.capacity reads it).
 """
 
 from __future__ import annotations

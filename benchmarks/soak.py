@@ -1,12 +1,11 @@
 """Soak: the service at a steady fraction of its saturation, for minutes, with hostile inputs mixed in.
 
     python -m benchmarks.soak                  # 10 minutes at 0.7 of saturation (about 11 minutes in all)
-    python -m benchmarks.soak --minutes 1      # proves the harness
     python -m benchmarks.soak --silent 10000   # RSS under 10,000 connections that never send a request
 
-A fresh service with an API key gets valid JPEGs at RATE_FRACTION of its saturation, every fourth request one of
-the README's bad inputs and a stalled upload at a time (each must get its own 4xx). Checks: RSS growth <= 5% from
-minute 2 on, no unexpected status, every minute's p99 within 1.5x of the first's. Writes results/<name>.*.
+Valid JPEGs at RATE_FRACTION of saturation, every fourth request one of the README's bad inputs and a stalled
+upload at a time (each its own 4xx). Checks: RSS growth <= 5% from minute 2, no unexpected status, each minute's
+p99 within 1.5x of the first's. Writes results/<name>.*.
 """
 
 from __future__ import annotations

@@ -1,29 +1,17 @@
 """Concurrency sweep, side by side: our service and the naive server at 1 to 32 clients, on two image sets.
 
     python -m benchmarks.sweep                                  # 6 levels x 2 sets x 2 systems, about 15 minutes
-    python -m benchmarks.sweep --duration 20 --warmup 10 --name sweep-before
     python -m benchmarks.sweep --variant "" --variant "@HEAD~1" --sets large --levels 1 8
     python -m benchmarks.sweep --quick                          # 2 levels, short phases: proves the harness
     python -m benchmarks.sweep --triton .venv-triton/bin/python # Triton as a third system (docs/benchmarks.md)
 
-At each concurrency level, each system in turn gets a fresh server (launch to first answer is recorded: a
-cold-start sample), an uncounted warm-up of `--warmup` s at that level, then `--duration` s of headless Locust
-(FastHttpUser, closed loop, no think time) with that many users, while the server's peak RSS is sampled. The
-order alternates from one (set, level) to the next (A B, B A, ...), so a machine that speeds up or slows down
-during the run favours neither. Servers are restarted per level rather than kept warm across levels: each
-point then starts from the same state (no thread pool grown, no heap kept by glibc from a heavier level
-before), its peak RSS belongs to that level alone, and every launch adds a paired cold-start sample.
-
-The systems: our service (`python -m service`, defaults, or each `--variant` given as in benchmarks.ab:
-settings and/or `@REV`) and the naive reference server (benchmarks/baselines/naive_server.py), both on the
-committed artifact. Per level and system: answered/s, p50/p90/p99 (of every request's own time), errors by
-kind (503 with Retry-After is load shedding; any other 5xx is a failure), peak RSS. The headline is the ratio
-table, ours over naive at each level, measured in the same round. Writes benchmarks/results/<name>.{json,md,png}
-when given --name, else the same under benchmarks/.cache/results/.
-
-With `--triton PYTHON` (a venv built from benchmarks/requirements-triton.txt), Triton Inference Server
-(benchmarks/baselines/triton_server.py, loaded through the Open Inference Protocol by benchmarks/locustfile_oip.py)
-is a third system at every level, in the same alternation (docs/benchmarks.md). Benchmarks only: never in CI.
+Each point (set, level, system): a fresh server (its launch to first answer is a cold-start sample), a warm-up,
+then `--duration` s of headless Locust with that many users while the server tree's peak RSS is sampled; the
+systems' order alternates from one point to the next. Ours is `python -m service` (or each `--variant`, settings
+and/or `@REV` as in benchmarks.ab); the naive server is benchmarks/baselines/naive_server.py; with --triton,
+Triton (benchmarks/baselines/triton_server.py, loaded through the Open Inference Protocol). Per point:
+answered/s, p50/p90/p99 of every request's own time, errors by kind, peak RSS. Writes
+benchmarks/results/<name>.{json,md,png} with --name, else under benchmarks/.cache/results/ (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -240,45 +228,6 @@ def summarize(points: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     )
 
 
-def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The measurable lines of issue 12's "Done when", read off this run (a report, not an assertion)."""
-    out: list[dict[str, Any]] = []
-    ratios = {(r["set"], r["users"], r["system"]): r for r in result["ratios"]}
-    rows = {(r["set"], r["users"], r["system"]): r for r in result["summary"]}
-    cold = {c["system"]: c for c in result["cold_start"]}
-    for name in result["systems"]:
-        if name in (NAIVE, TRITON):  # the targets are ours
-            continue
-
-        def add(what: str, value: Any, ok: bool | None, name: str = name) -> None:
-            out.append({"system": name, "check": what, "value": value, "met": ok})
-
-        for image_set in result["sets"]:
-            r = ratios.get((image_set, 1, name))
-            if r:
-                v = r["p50_ms / naive"]
-                add(f"1 client, p50 ours/naive <= 1.0 ({image_set})", v, v is not None and v <= 1.0)
-        r = ratios.get(("large", 8, name))
-        if r:
-            v = r["answered_per_s / naive"]
-            add("8 clients, throughput ours/naive >= 1.2 (large)", v, v is not None and v >= 1.2)
-        for (image_set, users, system), row in rows.items():
-            if system != name or users < 16:
-                continue
-            v = row["p99_over_p50"]
-            add(f"{users} clients, p99/p50 <= 1.5 ({image_set})", v, v is not None and v <= 1.5)
-            bad = row["errors_by_kind"]["other 5xx"]
-            add(f"{users} clients, no 5xx but 503 with Retry-After ({image_set})", bad, bad == 0)
-        peak = max((r["peak_rss_mb"] or 0 for r in result["summary"] if r["system"] == name), default=None)
-        add("peak RSS under load <= 200 MB (all points)", peak, peak is not None and peak <= 200)
-        c = cold.get(name)
-        if c:
-            add("cold start <= 0.35 s (median of launches)", c["median_s"], (c["median_s"] or 1e9) <= 0.35)
-            v = c["cold start / naive (median of paired launches)"]
-            add("cold start <= naive's (median of paired launches)", v, v is not None and v <= 1.0)
-    return out
-
-
 def _f(value: Any, digits: int = 2) -> str:
     if value is None:
         return "n/a"
@@ -297,13 +246,9 @@ def _busy_machine_warning(result: dict[str, Any]) -> list[str]:
     if not others or statistics.median(others) <= BUSY_CORES:
         return []
     cores = result["machine"]["cores_available"]
-    return [
-        "",
-        f"**Warning: a busy machine.** Other work than the server and its load generator used "
-        f"{min(others):g} to {max(others):g} cores (median {statistics.median(others):g}) of the {cores}, and "
-        "contention does not hurt the two systems alike. Use these figures to check the harness, not to judge "
-        "the servers; rerun on a quiet machine.",
-    ]
+    median = statistics.median(others)
+    warning = f"{min(others):g} to {max(others):g} cores (median {median:g}) of the {cores}; rerun on a quiet machine."
+    return ["", f"**Warning: a busy machine.** Other work than the server and its load generator used {warning}"]
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
@@ -363,16 +308,6 @@ def markdown(result: dict[str, Any]) -> list[str]:
             f"| {c['system']} | {c['launches']} | {_f(c['median_s'], 3)} | {_f(c['min_s'], 3)} | "
             f"{_f(c['max_s'], 3)} | {_f(c['cold start / naive (median of paired launches)'], 3)} |"
         )
-    if result["checks"]:
-        lines += [
-            "",
-            "Issue 12's measurable targets, read off this run (one run on a shared machine: a reading, not a proof):",
-            "",
-            "| system | target | value | met |",
-            "|---|---|---|---|",
-        ]
-        for c in result["checks"]:
-            lines.append(f"| {c['system']} | {c['check']} | {_f(c['value'], 3)} | {'yes' if c['met'] else 'no'} |")
     return lines
 
 
@@ -513,7 +448,6 @@ def main(argv: list[str] | None = None) -> int:
         "points": points,
         **summarize(points, names),
     }
-    result["checks"] = checks(result)
     out = destination(args)
     save(out, name, result, markdown(result))
     write_plot(result, out / f"{name}.png")

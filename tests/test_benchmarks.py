@@ -235,7 +235,6 @@ def test_sweep_quick_writes_every_point_both_sets_and_the_plot(tmp_path: Path) -
     for ratio in data["ratios"]:
         assert ratio["system"] == "service" and ratio["answered_per_s / naive"] > 0 and ratio["p50_ms / naive"] > 0
     assert {c["system"]: c["launches"] for c in data["cold_start"]} == {"service": 4, "naive": 4}
-    assert any(c["check"].startswith("1 client, p50") for c in data["checks"])
     # Each request's own time (the locustfile's PREFIX_times.json), not Locust's whole milliseconds.
     assert any(p["p50_ms"] != int(p["p50_ms"]) for p in data["points"]), data["points"]
     table = (tmp_path / "sweep-quick.md").read_text()

@@ -276,6 +276,26 @@ tf_keras.Model(inputs, outputs).save(sys.argv[1])
 FIVE = ["alpha", "bravo", "charlie", "delta", "echo"]
 
 
+def test_the_quota_benchmark_runs_both_servers_in_the_serve_image_and_reads_their_throttling(
+    podman: list[str], serve_image: str, tmp_path: Path
+) -> None:
+    """`python -m benchmarks.container --quota` (docs/operations.md's figures under a CPU quota): the service and
+    the naive server in the serve image under `--cpus 1`, two clients, and the container cgroup's throttled time
+    read for each (two clients keep both cores busy, so a 1-CPU quota must throttle)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.container", "--quota", "1", "--users", "2", "--rounds", "1",
+         "--seconds", "5", "--out", str(tmp_path), "--name", "quota"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads((tmp_path / "quota.json").read_text())["quota"]
+    assert {row["system"] for row in result["summary"]} == {"service", "naive"}
+    for row in result["summary"]:
+        assert row["errors"] == 0 and row["ok_per_s"] > 0, row
+        assert row["throttled_periods"] > 0 and row["throttled_ms_per_request"] > 0, row
+    assert "`--cpus 1.0`" in (tmp_path / "quota.md").read_text()
+
+
 def test_export_image_writes_an_artifact_the_serve_image_serves(
     podman: list[str], serve_image: str, export_image: str, tmp_path: Path
 ) -> None:

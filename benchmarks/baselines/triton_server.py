@@ -1,23 +1,18 @@
 """Triton Inference Server, the server users most often pick instead of ours, kept as a yardstick (benchmarks only).
 
-The Triton binary ships inside the `nvidia-pytriton` wheel; pytriton binds a Python callable as a Triton model.
-The callable does what the naive server does per image, on the same artifact with the same preprocessing code
-(service.imaging.preprocess with the manifest's preprocessing: Pillow decode and resize), then one onnxruntime
-run per batch. Triton serves it with two model instances (two callables, each with its own session) and dynamic
-batching (up to 8 requests that are already queued, no added delay). Each session gets the cores shared out
-among the instances as intra-op threads (1 each on 2 cores), its other options onnxruntime's defaults: with the
-default thread per core, two sessions put 4 threads on 2 cores. Settings: TRITON_* below, or the flags.
-Clients speak the Open Inference Protocol over HTTP: the JPEG as a BYTES input `image` of shape [1, 1] with the
-binary tensor data extension, the softmax probabilities back as a binary FP32 output.
-
-Needs its own venv, built from Debian's Python (the bundled Python-backend stub links the system libpython),
-see benchmarks/requirements-triton.txt and docs/benchmarks.md:
+pytriton (the `nvidia-pytriton` wheel, which ships the Triton binary) binds a Python callable as a Triton model:
+it decodes each JPEG as the naive server does (service.imaging.preprocess, same artifact), then makes one
+onnxruntime run per batch. Triton serves it with two model instances (each its own session, the cores shared out
+as intra-op threads: 1 each on 2 cores) and dynamic batching (up to 8 queued requests, no added delay); settings:
+TRITON_* below, or the flags. Clients speak the Open Inference Protocol over HTTP: the JPEG as a BYTES input
+`image` [1, 1] in binary tensor data, the probabilities back as a binary FP32 output. Its own venv, from
+Debian's Python (benchmarks/requirements-triton.txt, docs/benchmarks.md):
 
     .venv-triton/bin/python -m benchmarks.baselines.triton_server --port 4002
     python -m benchmarks.sweep --triton .venv-triton/bin/python
 
-Stops on SIGTERM or SIGINT, tritonserver and its stub processes with it. This module's top level needs only the
-standard library: the sweep (in the project's own venv) and the Locust user import `oip_request` from here.
+Stops on SIGTERM or SIGINT, tritonserver and its stubs with it. The top level needs only the standard library:
+the sweep and the Locust user import `oip_request` from here.
 """
 
 from __future__ import annotations
