@@ -140,7 +140,7 @@ QUOTA_FIGURES = ("ok_per_s", "p50_ms", "p99_ms", "errors", "throttled_periods", 
 def quota_system(cpus: float, naive: bool, port: int) -> System:
     """The serve image under `podman run --cpus`: the service, or the naive server on the image's Python."""
     command = [*PODMAN, "run", "--rm", "--read-only", "--network", "host", "--cpus", str(cpus),
-               "--name", QUOTA_CONTAINER, "-e", f"PORT={port}", "-e", "HOST=127.0.0.1",
+               "--replace", "--name", QUOTA_CONTAINER, "-e", f"PORT={port}", "-e", "HOST=127.0.0.1",
                "-e", "LOG_LEVEL=warning"]  # fmt: skip
     if not naive:
         return System("service", [*command, SERVE], {})
@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare()
     build(ROOT / "Dockerfile", SERVE)
-    if args.quota:
+    if args.quota is not None:
+        if args.quota <= 0:
+            parser.error("--quota takes a positive number of CPUs")
         with tempfile.TemporaryDirectory(prefix="quota-bench-") as tmp:
             quota = quota_runs(args.quota, args.users, args.rounds, args.seconds, Path(tmp))
         measured = {

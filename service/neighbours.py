@@ -30,27 +30,21 @@ _STAT = Path("/proc/stat")
 _CGROUP = Path("/sys/fs/cgroup")
 
 
-def _cpu_stat_dirs(controllers: str, root: Path) -> list[Path]:
-    if controllers == "":  # cgroup v2: one hierarchy
-        return [root]
-    if "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's own hierarchy
-        return [root / "cpu", root / "cpu,cpuacct"]
-    return []
-
-
 def find_cgroup_stat(own: Path = Path("/proc/self/cgroup"), root: Path = _CGROUP) -> Path:
     """This process's cgroup cpu.stat, cgroup v2 (`0::/path`) or v1 (`4:cpu,cpuacct:/path`), as the process
-    sees it: at the path, or at the hierarchy's root in a container that has its own cgroup namespace."""
+    sees it: at the path, or at the hierarchy's root in a container that has its own cgroup namespace. Only its
+    own cgroup: a quota set on a parent shows in the parent's cpu.stat, not here."""
     try:
-        lines = own.read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for base in _cpu_stat_dirs(controllers, root):
-            for candidate in (base / path.lstrip("/") / "cpu.stat", base / "cpu.stat"):
+        for line in own.read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) != 3 or (parts[1] and "cpu" not in parts[1].split(",")):
+                continue
+            base = root / parts[1] if parts[1] else root  # v1: the cpu controller's hierarchy; v2: the one
+            for candidate in (base / parts[2].lstrip("/") / "cpu.stat", base / "cpu.stat"):
                 if candidate.exists():
                     return candidate
+    except (OSError, ValueError):  # unreadable or denied: no throttling to tell
+        pass
     return root / "cpu.stat"
 
 

@@ -10,7 +10,8 @@ other run is in the engine and nobody waits is *wide* (every core: a lone reques
 engine allows); any other run is narrow (one core each: on 2 cores two single-threaded runs side by side
 beat one two-threaded run).
 
-A lone image that finds the scheduler idle (nothing queued, being decoded or in the engine; no BATCH_WAIT_MS) has
+A lone image that finds the scheduler idle (nothing queued, being decoded or in the engine; no batch held open:
+MAX_BATCH 1, or no BATCH_WAIT_MS) has
 nothing to overlap with: it goes to the workers undecoded, and the worker's thread decodes it just before its
 run, sparing it two event-loop wake-ups (to a decode thread and back).
 """
@@ -183,7 +184,7 @@ class Scheduler:
             take = share(1 + self._ready.qsize(), self._workers - self._runs, self._max_batch)
             while len(jobs) < take:
                 jobs.append(self._ready.get_nowait())
-        if len(jobs) < self._max_batch and self._batch_wait_s > 0:
+        if self._holds_for_company and len(jobs) < self._max_batch:
             loop = asyncio.get_running_loop()
             until = loop.time() + self._batch_wait_s
             while len(jobs) < self._max_batch:

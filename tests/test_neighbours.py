@@ -80,6 +80,9 @@ def test_the_cgroup_stat_read_is_this_process_own_under_v1_and_v2(tmp_path: Path
     # Its own cgroup namespace: the path is not there, the hierarchy's root is the process's cgroup.
     own.write_text("0::/elsewhere\n")
     assert neighbours.find_cgroup_stat(own, tmp_path) == tmp_path / "cpu.stat"
+    # A line it cannot read is passed over, never an error at start-up.
+    own.write_text(f"not a cgroup line\n3:cpu,cpuacct:/{pod}\n")
+    assert neighbours.find_cgroup_stat(own, tmp_path) == tmp_path / "cpu,cpuacct" / pod / "cpu.stat"
 
 
 def test_a_real_busy_process_beside_is_seen_by_the_watching_thread() -> None:

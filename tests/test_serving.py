@@ -109,8 +109,7 @@ def test_admission_refuses_when_it_is_the_binding_limit(gated: GatedClassifier) 
 
 def test_a_full_queue_refuses_when_it_binds_before_admission(gated: GatedClassifier) -> None:
     # MAX_BATCH=4 lets admission hold 2 + 4 = 6 requests, but the queue binds first: one in the engine and two
-    # queued fill it while admission still has room. Once the engine is free, the two that waited run together
-    # (BATCH_WAIT_MS=0: a batch of what already waits, with no wait for more).
+    # queued fill it while admission still has room.
     app = make_app(gated, MAX_QUEUE="2", MAX_BATCH="4", BATCH_WAIT_MS="0", REQUEST_TIMEOUT_S="10")
 
     async def scenario() -> None:
@@ -126,7 +125,9 @@ def test_a_full_queue_refuses_when_it_binds_before_admission(gated: GatedClassif
                 assert "queue is full (2 waiting)" in message, message
                 assert sample(app, "inference_queue_depth") == 2
             assert [(await task).json()["class"] for task in held] == ["red", "green", "blue"]
-        assert (gated.runs, gated.images) == (2, 3)
+        # Once the engine is free, the two that waited run together if both were decoded by then, else one by one
+        # (tests/test_scheduling_inprocess.py holds that state on purpose).
+        assert gated.runs in (2, 3) and gated.images == 3
 
     asyncio.run(scenario())
 
