@@ -43,6 +43,7 @@ from benchmarks.harness import (
     spread,
     warm_up,
 )
+from service.neighbours import find_cgroup_stat, throttled_s
 
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
 BASE = "docker.io/library/python:3.11-slim-bookworm"
@@ -151,17 +152,12 @@ def quota_system(cpus: float, naive: bool, port: int) -> System:
 
 
 def throttled() -> tuple[int, float]:
-    """The quota container's cgroup so far: periods throttled, seconds throttled (cgroup v1 or v2 cpu.stat)."""
+    """The quota container's cgroup so far: periods throttled, seconds throttled (found and read as the service's
+    own neighbour watch does: service/neighbours.py)."""
     pid = podman("inspect", "--format", "{{.State.Pid}}", QUOTA_CONTAINER).strip()
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers in ("", "cpu", "cpu,cpuacct"):
-            root = Path("/sys/fs/cgroup") / ("cpu" if controllers else "") / path.lstrip("/")
-            if (root / "cpu.stat").exists():
-                stat = dict(row.split() for row in (root / "cpu.stat").read_text().splitlines())
-                ns = int(stat["throttled_time"]) if "throttled_time" in stat else int(stat["throttled_usec"]) * 1000
-                return int(stat["nr_throttled"]), ns / 1e9
-    raise RuntimeError(f"no cpu.stat for container {QUOTA_CONTAINER} (pid {pid})")
+    stat = find_cgroup_stat(Path(f"/proc/{pid}/cgroup"))
+    counts = dict(row.split() for row in stat.read_text().splitlines())
+    return int(counts["nr_throttled"]), throttled_s(stat)
 
 
 def quota_point(

@@ -59,7 +59,8 @@ def _busy_ticks(cpus: set[int], text: str) -> int:
     return total
 
 
-def _throttled_s(path: Path) -> float:
+def throttled_s(path: Path) -> float:
+    """Seconds the cgroup of `path` (a cpu.stat, v2 or v1) has been throttled; 0 when it cannot be read."""
     try:
         for line in path.read_text().splitlines():
             key, _, value = line.partition(" ")
@@ -107,7 +108,7 @@ class Neighbours:
             machine = _busy_ticks(self._cpus, self._stat.read_text()) * _TICK_S
         except OSError:  # no /proc: nothing to tell
             return None
-        return time.monotonic(), machine, time.process_time(), _throttled_s(self._cgroup_stat)
+        return time.monotonic(), machine, time.process_time(), throttled_s(self._cgroup_stat)
 
     def _watch(self) -> None:
         while not self._stop.wait(INTERVAL_S):
