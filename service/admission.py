@@ -22,7 +22,7 @@ class Admission:
         if self.pending + images > self.limit:
             raise Overloaded(
                 f"{self.pending} images are already being served (the limit is {self.limit}: MAX_QUEUE and what "
-                "the workers hold); retry shortly",
+                "the inference threads hold); retry shortly",
                 headers={"Retry-After": self._retry_after},
             )
         self.pending += images

@@ -2,8 +2,10 @@
 
 Requests wait in one bounded queue; the decode stage (service/decode_stage.py) decodes them in order into a
 small ready queue; each worker takes what waits there, up to MAX_BATCH (and, only with BATCH_WAIT_MS, waits
-that long for a batch to fill), runs the model in its own thread, and resolves each request (service/waiter.py
-is how a request waits).
+that long for a batch to fill), hands it to the inference threads, and resolves each request when its run ends
+(service/waiter.py is how a request waits). There are two workers per inference thread: while a thread runs one
+batch, the next waits in the thread pool's own queue, so a thread that ends a run starts the next at once
+instead of waiting for the event loop (busy with HTTP at 32 clients) to hand it one.
 
 How many cores a run gets is decided per run, from the scheduler's own state: a run that starts while no
 other run is in the engine and nobody waits is *wide* (every core: a lone request is answered as fast as the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -54,6 +57,8 @@ Decode = Callable[[], "np.ndarray | ServiceError"]
 """Decodes one image, blocking (the scheduler calls it in a thread): its pixels, or the error that answers it."""
 
 Rows = list["np.ndarray | ServiceError"]
+Ran = list["np.ndarray | ServiceError | None"]
+"""A run's answer for each of its jobs: as Rows, or None for a job left out of the run, answered already."""
 
 
 @dataclass
@@ -75,6 +80,11 @@ class SchedulerHooks:
     on_run: Callable[[bool], None] = lambda wide: None
     # On the inference thread, after each run: its (N, classes) probabilities.
     on_probabilities: Callable[[np.ndarray], None] = lambda probabilities: None
+
+
+# Runs handed to the inference threads per thread: one running, one queued behind it. At 32 clients the cores
+# idled 2.5-3.1% of the time between runs with one, 0.4-0.7% with two (benchmarks.ab, small set, 5 rounds).
+RUNS_PER_THREAD = 2
 
 
 def share(waiting: int, idle_workers: int, max_batch: int) -> int:
@@ -111,22 +121,26 @@ class Scheduler:
         self._holds_for_company = max_batch > 1 and batch_wait_s > 0
         self._retry_after = str(retry_after_s)
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
-        # Decoded, waiting for a worker: each worker's next two batches, so a slow decoding (a large photo, a
-        # busy event loop) never leaves a core waiting, and at most this many decoded images wait (plus one per
-        # decoder waiting for room here). One batch each answered 0.86x as many requests at 8 clients.
-        self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=2 * workers * max_batch)
+        # Decoded, waiting for a worker: with the run queued on each thread, each thread's next two batches, so a
+        # slow decoding (a large photo, a busy event loop) never leaves a core waiting, and at most twice this many
+        # decoded images wait (plus one per decoder waiting for room here). One batch each answered 0.86x as many
+        # requests at 8 clients.
+        self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=workers * max_batch)
         self._hooks = hooks or SchedulerHooks()
         self._pool = named_pool(workers, "inference")
         self._decode = DecodeStage(decoders, self._queue, self._ready, self._report_depth)
+        self._taking = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._in_flight = 0  # images in the engine
-        self._runs = 0  # runs in the engine
+        self._in_flight = 0  # images in the engine, or handed to an inference thread
+        self._counting = threading.Lock()
+        self._runs = 0  # runs handed to the threads and not yet answered
         self._closing = False
         # Set once a run has ended with nothing else in the engine or waiting (cleared when one starts).
         self._settled = asyncio.Event()
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in range(self._workers)]
+        workers = range(RUNS_PER_THREAD * self._workers)
+        self._tasks = [asyncio.create_task(self._work(), name=f"inference-worker-{i}") for i in workers]
         self._tasks += self._decode.start()
         if self._neighbours is not None:
             self._neighbours.start()
@@ -177,6 +191,11 @@ class Scheduler:
         return await waiter.answers([job.future for job in jobs], deadline, gone)
 
     async def _next_batch(self) -> list[Job]:
+        # One worker fills its batch at a time: two filling at once (BATCH_WAIT_MS) would split what arrives.
+        async with self._taking:
+            return await self._take_batch()
+
+    async def _take_batch(self) -> list[Job]:
         jobs = [await self._ready.get()]
         if isinstance(jobs[0].pixels, np.ndarray):  # else a lone image, undecoded: it runs alone (infer)
             # What already waits joins the run, up to MAX_BATCH: nothing is held back for company unless
@@ -225,12 +244,12 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         answered = loop.create_future()
 
-        def answer(run: Future[Rows | None]) -> None:
+        def answer(run: Future[Ran | None]) -> None:
             try:
                 rows = run.result()
                 if rows is not None:  # None: nobody waits for it any more
                     for job, row in zip(live, rows, strict=True):  # fewer rows than images: a broken model
-                        if not job.future.done():
+                        if row is not None and not job.future.done():  # None: left out, answered already
                             job.future.set_result(row)
             except Exception as exc:  # a run's own failure is logged in the thread, which knows which part failed
                 for job in live:
@@ -238,66 +257,94 @@ class Scheduler:
                         job.future.set_exception(exc)
             finally:  # whatever happened above: this worker must go on to the next batch
                 self._runs -= 1
-                self._count_in_engine(-len(live))
                 if self._idle():
                     self._settled.set()
                 if not answered.done():
                     answered.set_result(None)
 
-        def hand_back(run: Future[Rows | None]) -> None:
+        def hand_back(run: Future[Ran | None]) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop has closed under a run nobody waits for
                 loop.call_soon_threadsafe(answer, run)
 
         # The pool is shut down only by close(), once every worker has stopped: a submit here is never refused.
-        run = self._pool.submit(self._engine_run, engine, live)
+        run = self._pool.submit(self._counted_out, engine, live)
         # The answers go out from the thread's completion itself, not after this task has resumed from an
         # executor future: one event-loop turn less between the run and the client.
         run.add_done_callback(hand_back)
         await answered
 
     def _count_in_engine(self, images: int) -> None:
-        self._in_flight += images
-        self._hooks.on_in_flight(self._in_flight)
+        with self._counting:  # in on the event loop, out on an inference thread
+            self._in_flight += images
+            self._hooks.on_in_flight(self._in_flight)
 
-    def _engine_run(self, engine: Engine, live: list[Job]) -> Rows | None:
+    def _counted_out(self, engine: Engine, live: list[Job]) -> Ran | None:
+        """On an inference thread: _engine_run, its images counted out of the engine the moment it ends, so that
+        the run queued behind it on this thread sees the engine as it is (alone: wide), not as the event loop
+        has yet to learn."""
+        try:
+            return self._engine_run(engine, live)
+        finally:
+            self._count_in_engine(-len(live))
+
+    def _engine_run(self, engine: Engine, live: list[Job]) -> Ran | None:
         """On an inference thread: one run of `live`, decoding first a lone image that came undecoded (infer).
-        Each job's answer, in order: its probabilities, or (a lone image) its own error; None if nobody waits."""
+        Each job's answer, in order: its probabilities, (a lone image) its own error, or None for a job left out
+        of the run; None if nobody waits."""
         if len(live) == 1 and not isinstance(live[0].pixels, np.ndarray):
-            try:
-                decoded = live[0].pixels()
-            except Exception:  # a fault of ours, not the image's: that request gets a 500
-                log.exception("decoding failed", extra=_ids(live))
-                raise
-            if isinstance(decoded, ServiceError):  # the image's own answer (undecodable, too large)
-                return [decoded]
-            if live[0].future.done():  # the client left, or its deadline passed, while the image was decoded
-                return None
-            pixels = [decoded]
+            decoded = self._decode_lone(live[0])
+            if decoded is None or isinstance(decoded, ServiceError):
+                return None if decoded is None else [decoded]
+            running, pixels = live, [decoded]
         else:
-            pixels = [job.pixels for job in live if isinstance(job.pixels, np.ndarray)]  # all: decoded ahead
+            # Decoded ahead and still awaited: a run can wait in the pool's queue behind another, and its client
+            # leave or its deadline pass meanwhile (the event loop has then answered its future).
+            running = [job for job in live if not job.future.done()]
+            if not running:
+                return None
+            pixels = [job.pixels for job in running if isinstance(job.pixels, np.ndarray)]
         # One image (the common case unbatched) is passed as a view: no copy of its megabyte.
         batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
-        wide = self._wide(engine, len(live))
+        wide = self._wide(engine, len(live))  # as counted into the engine
         self._hooks.on_run(wide)
         started = time.perf_counter()
         try:
             probabilities = engine.predict(batch, wide)
         except Exception:
-            log.exception("inference failed for a batch of %d", len(live), extra=_ids(live))
+            log.exception("inference failed for a batch of %d", len(running), extra=_ids(running))
             raise
         ended = time.perf_counter()
-        self._hooks.on_batch(len(live), ended - started)
-        for job in live:
+        self._hooks.on_batch(len(running), ended - started)
+        for job in running:
             if job.record is not None:
                 job.record.ran(started, ended)
         self._hooks.on_probabilities(probabilities)
-        return list(probabilities)
+        rows: Ran = list(probabilities)
+        if len(running) == len(live) or len(rows) != len(running):  # a broken model's short answer: answer() fails it
+            return rows
+        by_job = dict(zip(map(id, running), rows, strict=True))
+        return [by_job.get(id(job)) for job in live]
+
+    @staticmethod
+    def _decode_lone(job: Job) -> np.ndarray | ServiceError | None:
+        """A lone image's pixels, decoded on its inference thread; its own error (undecodable, too large); or None
+        if nobody waits for it any more."""
+        assert not isinstance(job.pixels, np.ndarray)
+        try:
+            decoded = job.pixels()
+        except Exception:  # a fault of ours, not the image's: that request gets a 500
+            log.exception("decoding failed", extra=_ids([job]))
+            raise
+        if isinstance(decoded, np.ndarray) and job.future.done():  # the client left, or its deadline passed
+            return None
+        return decoded
 
     def _wide(self, engine: Engine, images: int) -> bool:
         """Every core only if nothing else is in the engine or waiting to enter it. Decided at the last moment,
-        from the event loop's counters (read only, under the GIL): each run was counted in before its thread
-        started, so of two runs starting together the later one to look sees the other; and waiting is read
-        first, so a job the loop moves from waiting into the engine between the two reads is seen. And only while
+        from the scheduler's counters: each run was counted in on the event loop before it was handed to a
+        thread (and is counted out on its thread as it ends), so of two runs starting together the later one to
+        look sees the other; and waiting is read first, so a job the loop moves from waiting into the engine
+        between the two reads is seen. And only while
         no neighbour holds one of the cores (service/neighbours.py), asked last: it reads files."""
         alone = self._waiting() == 0 and self._in_flight == images and engine.wide is not None
         return alone and (self._neighbours is None or not self._neighbours.busy())

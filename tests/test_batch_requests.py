@@ -93,8 +93,9 @@ def test_the_images_of_one_request_go_through_the_scheduler_and_batch_together(t
                 batch = asyncio.ensure_future(
                     client.post("/infer", json={"images": [_b64(RED), _b64(NOT_AN_IMAGE), _b64(GREEN)]})
                 )
-                # The two good images wait in the queue together; the bad one never reaches it.
-                await until(lambda: sample(app, "inference_queue_depth") == 2, "the request's two images queued")
+                # The two good images are handed to the thread together, behind the lone run; the bad one never
+                # reaches the queue.
+                await until(lambda: sample(app, "inference_in_flight") == 3, "the request's two images as a batch")
                 # Admission counts images, each from before its decoding: one running, three in the batch request.
                 assert app.state.admission.pending == 4
             assert (await first).json()["class"] == "blue"

@@ -249,7 +249,7 @@ def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[s
     deploy(artifacts["a"], model_dir)
     gated = GatedClassifier.from_dir(model_dir)
     deploy(artifacts["b"], model_dir)  # what a load will find
-    app = make_app(gated, MODEL_DIR=str(model_dir), MAX_BATCH="4", BATCH_WAIT_MS="200", MODEL_LOAD="enabled")
+    app = make_app(gated, MODEL_DIR=str(model_dir), MAX_BATCH="4", MODEL_LOAD="enabled")
 
     async def scenario() -> None:
         async with serving(app) as client:
@@ -258,12 +258,12 @@ def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[s
                 await until(lambda: gated.runs == 1, "a request in A's engine")
                 queued = asyncio.ensure_future(client.post("/infer", files={"image": RED}))
                 await until(lambda: app.state.admission.pending == 2, "a request admitted on A")
-                await until(lambda: sample(app, "inference_queue_depth") == 1, "A's job queued")
+                await until(lambda: sample(app, "inference_in_flight") == 2, "A's job queued on the thread")
                 assert (await client.post(LOAD)).status_code == 200
                 assert hasattr(gated, "session")  # A still has requests to answer
                 after = asyncio.ensure_future(client.post("/infer", files={"image": RED}))
-                await until(lambda: sample(app, "inference_queue_depth") == 2, "B's job queued behind A's")
-            # The one worker takes both queued jobs as one batch: each runs on its own model, and says so.
+                await until(lambda: sample(app, "inference_queue_depth") == 1, "B's job queued behind A's")
+            # Each runs on its own model, and says so (a batch holding both: test_scheduling_inprocess.py).
             answers = [await task for task in (running, queued, after)]
             assert [answer.json()["class"] for answer in answers] == ["red", "red", "RED"]
             a, b = _tag(artifacts["a"]), _tag(artifacts["b"])

@@ -84,11 +84,13 @@ def test_requests_side_by_side_run_on_one_core_each(gated: GatedClassifier) -> N
                 bodies = [image_bytes(colour) for colour in COLOURS[1:]]
                 rest = [asyncio.ensure_future(client.post("/infer", files={"image": body})) for body in bodies]
                 await until(lambda: gated.runs == 3, "the second worker busy")
-                await until(lambda: sample(app, "inference_queue_depth") == 4, "four requests queued")
+                # One queued behind each run on the threads, two waiting.
+                await until(lambda: sample(app, "inference_in_flight") == 4, "a request queued on each thread")
+                await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
                 assert _runs(app, "narrow") == before + 1  # started while another run was in the engine
             answers = [await first, *[await task for task in rest]]
             assert [a.status_code for a in answers] == [200] * 6
-            # The four that waited in the queue start while others wait or run: narrow, but possibly the last.
+            # The four that waited start while others wait or run: narrow, but possibly the last.
             assert _runs(app, "wide") + _runs(app, "narrow") - before == 6
             assert _runs(app, "narrow") - before >= 4
 

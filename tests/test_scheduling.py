@@ -134,20 +134,21 @@ def _overload_messages(responses: list[httpx.Response]) -> list[str]:
 
 
 def test_admission_sheds_the_overload_with_503_and_recovers(slow_artifact: Path, tmp_path: Path) -> None:
-    # MAX_BATCH=1: admission (MAX_QUEUE + WORKERS x MAX_BATCH = 3) fills before the queue can: every refusal is
+    # MAX_BATCH=1: admission (MAX_QUEUE + 2 x WORKERS x MAX_BATCH = 4) fills before the queue can: every refusal is
     # admission's. With admission never refusing, the queue would refuse instead, with its own message.
     env = {"WORKERS": "1", "THREADS": "1", "MAX_QUEUE": "2", "MAX_BATCH": "1"}
     with running_service(slow_artifact, tmp_path / "server.log", **env) as server:
         messages = _overload_messages(_blast(server, clients=16, requests=24))
         assert len(messages) >= 8, messages
-        assert all("images are already being served (the limit is 3: MAX_QUEUE" in m for m in messages), messages
+        assert all("images are already being served (the limit is 4: MAX_QUEUE" in m for m in messages), messages
         # Recovered: the queue drained, a new request is served.
         assert _post(server, IMAGES[0]).json()["class"] == "red"
         assert "Traceback" not in server.output()
 
 
 def test_a_full_queue_sheds_with_503_when_it_binds_first(slow_artifact: Path, tmp_path: Path) -> None:
-    # MAX_BATCH=4 gives admission room for 2 + 4 = 6, but one in the engine and two waiting fill the queue
+    # MAX_BATCH=4 gives admission room for 2 + 2 x 4 = 10, but a batch in the engine, one behind it and two
+    # waiting fill the queue
     # first. Unbounded, the queue would never refuse.
     env = {"WORKERS": "1", "THREADS": "1", "MAX_QUEUE": "2", "MAX_BATCH": "4", "BATCH_WAIT_MS": "0"}
     with running_service(slow_artifact, tmp_path / "server.log", **env) as server:

@@ -170,7 +170,9 @@ def test_a_batch_holds_what_is_queued_and_each_job_runs_on_its_own_model(tiny_ar
                 gone = _infer(scheduler, first_model, ["blue"], gone=left.wait)
                 alone = _infer(scheduler, second_model, ["dark"])
                 mixed = [_infer(scheduler, first_model, ["green"]), _infer(scheduler, second_model, ["blue"])]
-                await until(lambda: _value(metrics, "inference_queue_depth") == 4, "four jobs queued")
+                # The thread's second worker takes the next two (a run queued behind the one running), and the
+                # other two wait.
+                await until(lambda: _value(metrics, "inference_queue_depth") == 2, "a batch taken, two queued")
                 left.set()  # the first of them is abandoned while it waits
                 with pytest.raises(ClientDisconnected):
                     await gone
@@ -200,7 +202,8 @@ def test_without_a_batch_wait_what_waits_runs_together_and_a_lone_image_waits_fo
     engine: RecordingClassifier,
 ) -> None:
     # MAX_BATCH=4, BATCH_WAIT_MS=0 (adaptive): the first image finds the scheduler idle and runs at once, alone
-    # and undecoded as with MAX_BATCH=1; the three that queue behind it run as one batch once the engine is free.
+    # and undecoded as with MAX_BATCH=1; the three that queue behind it go together as one batch, handed to the
+    # thread behind the run.
     decoded_on: list[str] = []
 
     def decode() -> np.ndarray:
@@ -213,7 +216,7 @@ def test_without_a_batch_wait_what_waits_runs_together_and_a_lone_image_waits_fo
                 first = asyncio.ensure_future(scheduler.infer(engine, [decode], Deadline.after(TIMEOUT_S)))
                 await until(lambda: engine.runs == 1, "the lone image in the engine")
                 behind = [_infer(scheduler, engine, [name]) for name in ("green", "blue", "dark")]
-                await until(lambda: _value(metrics, "inference_queue_depth") == 3, "three images waiting")
+                await until(lambda: _value(metrics, "inference_in_flight") == 4, "three images as one batch")
             return [await first] + [await task for task in behind]
 
     answers = asyncio.run(scenario())
@@ -345,8 +348,8 @@ def test_a_run_beside_an_image_being_decoded_is_narrow(engine: RecordingClassifi
 
 
 def test_a_run_with_images_waiting_behind_it_is_narrow(engine: RecordingClassifier) -> None:
-    # One worker: nothing else is in the engine when green starts, but blue waits for it; only blue, the last,
-    # has the engine to itself.
+    # One inference thread: nothing else is in the engine when green starts (queued behind red), but blue waits
+    # for it; only blue, the last, has the engine to itself.
     engine.add_wide_session(2)
 
     async def scenario() -> None:
@@ -355,7 +358,7 @@ def test_a_run_with_images_waiting_behind_it_is_narrow(engine: RecordingClassifi
                 red = _infer(scheduler, engine, ["red"])
                 await until(lambda: engine.runs == 1, "red in the engine")
                 green, blue = _infer(scheduler, engine, ["green"]), _infer(scheduler, engine, ["blue"])
-                await until(lambda: scheduler._waiting() == 2, "green and blue waiting")
+                await until(lambda: scheduler._waiting() == 1 and engine.runs == 1, "blue waiting")
             assert _classes(engine, await red + await green + await blue) == ["red", "green", "blue"]
 
     asyncio.run(scenario())
@@ -515,8 +518,9 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
                         engine, [_pixels("green"), _undecodable, _pixels("blue")], Deadline.after(TIMEOUT_S)
                     )
                 )
-                # Decoded ahead of the engine: green and blue wait for the worker, the bad image has its answer.
-                await until(lambda: _value(metrics, "inference_queue_depth") == 2, "green and blue decoded")
+                # Decoded ahead of the engine: green and blue, one batch, queued behind red; the bad image has its
+                # answer.
+                await until(lambda: _value(metrics, "inference_in_flight") == 3, "green and blue decoded")
             assert _classes(engine, await first) == ["red"]
             green, error, blue = await batch
             assert isinstance(error, InvalidImage) and str(error) == "not an image"
@@ -532,8 +536,9 @@ def test_an_image_that_fails_to_decode_is_answered_with_its_error_and_the_rest_r
 def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client_left(
     engine: RecordingClassifier,
 ) -> None:
-    # Waiting images stay encoded: only what the workers take next is decoded (2 x WORKERS x MAX_BATCH, plus
-    # one per decoder waiting for room), so the queue does not hold a decoded megabyte per waiting image.
+    # Waiting images stay encoded: only what the threads run next is decoded (2 x WORKERS x MAX_BATCH: a run
+    # queued on each thread and as many waiting for a worker, plus one per decoder waiting for room), so the queue
+    # does not hold a decoded megabyte per waiting image.
     decoded: list[str] = []
 
     def decoder(name: str) -> Callable[[], np.ndarray]:
@@ -559,12 +564,13 @@ def test_images_are_decoded_just_ahead_of_the_engine_and_never_once_their_client
                     )
                     for i, name in enumerate(names)
                 ]
-                # One in the engine; of the six waiting, two decoded for the worker and one held by the decoder.
-                await until(lambda: len(decoded) == 4, "the decoder to fill the worker's next batches")
+                # One in the engine; of the six waiting, one queued behind it, one decoded for the worker and one
+                # held by the decoder.
+                await until(lambda: len(decoded) == 4, "the decoder to fill the thread's next batches")
                 for _ in range(20):
                     await asyncio.sleep(0)
                 assert decoded == ["dark", "red", "green", "blue"]
-                assert _value(metrics, "inference_queue_depth") == 6
+                assert (_value(metrics, "inference_in_flight"), _value(metrics, "inference_queue_depth")) == (2, 5)
                 left.set()  # the last request's client leaves while its image waits, encoded
                 with pytest.raises(ClientDisconnected):
                     await waiting[5]
@@ -596,11 +602,13 @@ def test_two_workers_taking_batches_of_two_have_eight_images_decoded_ahead(engin
                 waiting = asyncio.ensure_future(
                     scheduler.infer(engine, [decoder(i) for i in range(12)], Deadline.after(TIMEOUT_S))
                 )
-                await until(lambda: len(decoded) == 9, "the decoder to fill both workers' next two batches")
+                # A run queued on each thread takes what is decoded when it is handed on (one image or two).
+                await until(lambda: len(decoded) >= 7, "the decoder to fill both threads' next two batches")
                 for _ in range(20):
                     await asyncio.sleep(0)
-                assert decoded == list(range(9))
-                assert _value(metrics, "inference_queue_depth") == 12
+                assert 7 <= len(decoded) <= 9 and decoded == list(range(len(decoded)))
+                in_flight = _value(metrics, "inference_in_flight")
+                assert in_flight + _value(metrics, "inference_queue_depth") == 14
             for request in busy:
                 assert _classes(engine, await request) == ["dark"]
             assert _classes(engine, await waiting) == ["red"] * 12
@@ -619,7 +627,7 @@ def test_close_ends_every_task_start_began_and_every_thread_it_used(engine: Reco
         scheduler.start()
         began = asyncio.all_tasks() - before
         # Named, so a dump of the event loop's tasks says which is which.
-        names = ["decoder-0", "decoder-1", "inference-worker-0", "inference-worker-1"]
+        names = ["decoder-0", "decoder-1", *(f"inference-worker-{i}" for i in range(4))]  # two per thread
         assert sorted(task.get_name() for task in began) == names
         with engine.held():
             alone = _infer(scheduler, engine, ["red"])
@@ -848,3 +856,67 @@ def test_a_cancelled_request_of_several_images_runs_none_of_them(engine: Recordi
 
     asyncio.run(scenario())
     assert engine.images == 1
+
+
+def _in_flight(metrics: Metrics) -> float:
+    return _value(metrics, "inference_in_flight")
+
+
+def test_a_thread_that_ends_a_run_starts_the_next_without_waiting_for_the_event_loop(
+    engine: RecordingClassifier,
+) -> None:
+    # One inference thread: while it runs red, green already waits in its pool's queue. The event loop is then
+    # kept busy (as by HTTP work at 32 clients) while red ends: green must start all the same.
+
+    async def scenario() -> None:
+        async with _running() as (scheduler, metrics):
+            with engine.held():
+                first = _infer(scheduler, engine, ["red"])
+                second = _infer(scheduler, engine, ["green"])
+                await until(lambda: _in_flight(metrics) == 2, "green handed to the thread behind red")
+                engine.gate.set()
+                blocked_until = time.monotonic() + 10  # a bound for a broken scheduler: this takes milliseconds
+                while engine.runs < 2 and time.monotonic() < blocked_until:
+                    time.sleep(0.001)  # the event loop runs nothing meanwhile
+                assert engine.runs == 2, "green waited for the event loop to start"
+            assert _classes(engine, await first + await second) == ["red", "green"]
+
+    asyncio.run(scenario())
+
+
+def test_a_run_queued_behind_another_leaves_out_what_was_answered_while_it_waited(
+    engine: RecordingClassifier,
+) -> None:
+    async def scenario() -> None:
+        async with _running() as (scheduler, metrics):
+            with engine.held():
+                first = _infer(scheduler, engine, ["red"])
+                left = _infer(scheduler, engine, ["green"])
+                await until(lambda: _in_flight(metrics) == 2, "green handed to the thread behind red")
+                left.cancel()  # its client left
+                with pytest.raises(asyncio.CancelledError):
+                    await left
+            assert _classes(engine, await first) == ["red"]
+            await until(lambda: _in_flight(metrics) == 0, "green's run over")
+            assert engine.runs == 1, "green ran for nobody"
+            assert _classes(engine, await _infer(scheduler, engine, ["blue"])) == ["blue"]
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_queued_behind_another_runs_only_what_is_still_awaited(engine: RecordingClassifier) -> None:
+    async def scenario() -> None:
+        async with _running(max_batch=2) as (scheduler, metrics):
+            with engine.held():
+                first = _infer(scheduler, engine, ["red"])
+                await until(lambda: engine.runs == 1, "red in the engine")
+                left = _infer(scheduler, engine, ["green"])
+                stays = _infer(scheduler, engine, ["blue"])
+                await until(lambda: _in_flight(metrics) == 3, "green and blue handed on behind red, as one batch")
+                left.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await left
+            assert _classes(engine, await first + await stays) == ["red", "blue"]
+            assert (engine.runs, engine.images) == (2, 2), "green ran for nobody"
+
+    asyncio.run(scenario())
