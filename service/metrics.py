@@ -66,7 +66,9 @@ class Metrics:
             "http_request_duration_seconds", "Request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("inference_queue_depth", "Images waiting for an inference worker", registry=r)
-        self.in_flight = Gauge("inference_in_flight", "Images inside the engine right now", registry=r)
+        self.in_flight = Gauge(
+            "inference_in_flight", "Images in the engine, or in the run queued behind one on a thread", registry=r
+        )
         self.batch_size = Histogram(
             "inference_batch_size", "Images per engine run", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
         )

@@ -3,8 +3,8 @@
 Requests wait in one bounded queue; the decode stage (service/decode_stage.py) decodes them in order into a
 small ready queue; each worker takes what waits there, up to MAX_BATCH (and, only with BATCH_WAIT_MS, waits
 that long for a batch to fill), hands it to the inference threads, and resolves each request when its run ends
-(service/waiter.py is how a request waits). There are two workers per inference thread: while a thread runs one
-batch, the next waits in the thread pool's own queue, so a thread that ends a run starts the next at once
+(service/waiter.py is how a request waits). There are two workers per inference thread: while the threads run their
+batches, as many wait in the thread pool's own queue, so a thread that ends a run starts the next at once
 instead of waiting for the event loop (busy with HTTP at 32 clients) to hand it one.
 
 How many cores a run gets is decided per run, from the scheduler's own state: a run that starts while no
@@ -88,8 +88,9 @@ RUNS_PER_THREAD = 2
 
 
 def share(waiting: int, idle_workers: int, max_batch: int) -> int:
-    """How many of `waiting` decoded images a worker takes: an equal part for each worker not in the engine (so
-    no core idles while another runs a long batch), up to max_batch."""
+    """How many of `waiting` decoded images a worker takes: an equal part for each thread with no run handed to
+    it (so no core idles while another runs a long batch; none free, as when a run is queued: all), up to
+    max_batch."""
     return min(max_batch, -(-waiting // max(1, idle_workers)))
 
 
@@ -121,10 +122,10 @@ class Scheduler:
         self._holds_for_company = max_batch > 1 and batch_wait_s > 0
         self._retry_after = str(retry_after_s)
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
-        # Decoded, waiting for a worker: with the run queued on each thread, each thread's next two batches, so a
-        # slow decoding (a large photo, a busy event loop) never leaves a core waiting, and at most twice this many
-        # decoded images wait (plus one per decoder waiting for room here). One batch each answered 0.86x as many
-        # requests at 8 clients.
+        # Decoded, waiting for a worker: one batch per thread, which with the run queued behind each thread's run
+        # makes each thread's next two batches decoded, so a slow decoding (a large photo, a busy event loop) never
+        # leaves a core waiting, and at most twice this many decoded images wait outside the engine (plus one per
+        # decoder waiting for room here). One batch ahead per thread answered 0.86x as many requests at 8 clients.
         self._ready: asyncio.Queue[Job] = asyncio.Queue(maxsize=workers * max_batch)
         self._hooks = hooks or SchedulerHooks()
         self._pool = named_pool(workers, "inference")
@@ -257,7 +258,7 @@ class Scheduler:
                         job.future.set_exception(exc)
             finally:  # whatever happened above: this worker must go on to the next batch
                 self._runs -= 1
-                if self._idle():
+                if self._runs == 0 and self._idle():  # every run answered, not only ended on its thread
                     self._settled.set()
                 if not answered.done():
                     answered.set_result(None)
@@ -320,9 +321,9 @@ class Scheduler:
                 job.record.ran(started, ended)
         self._hooks.on_probabilities(probabilities)
         rows: Ran = list(probabilities)
-        if len(running) == len(live) or len(rows) != len(running):  # a broken model's short answer: answer() fails it
+        if len(running) == len(live):  # answer() fails the run if a broken model answered too few or too many rows
             return rows
-        by_job = dict(zip(map(id, running), rows, strict=True))
+        by_job = dict(zip(map(id, running), rows, strict=True))  # raises there too: the run fails
         return [by_job.get(id(job)) for job in live]
 
     @staticmethod

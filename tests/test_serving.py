@@ -66,9 +66,11 @@ def test_gauges_count_the_engine_and_the_queue(gated: GatedClassifier) -> None:
             with gated.held():
                 first = _post(client, "red")
                 await until(lambda: gated.runs == 1, "the first request in the engine")
-                rest = [_post(client, name) for name in ORDER[1:4]]
-                await until(lambda: sample(app, "inference_queue_depth") == 3, "three requests queued")
-                assert sample(app, "inference_in_flight") == 1
+                rest = [_post(client, ORDER[1])]
+                await until(lambda: sample(app, "inference_in_flight") == 2, "the second queued on the thread")
+                rest += [_post(client, name) for name in ORDER[2:4]]
+                await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
+                assert sample(app, "inference_in_flight") == 2
                 assert sample(app, "inference_batch_size_count") == 0
             answers = [await first, *[await task for task in rest]]
             assert [a.json()["class"] for a in answers] == ORDER[:4]
@@ -155,7 +157,8 @@ def test_shutdown_answers_every_queued_request_and_refuses_new_ones(gated: Gated
     """The lifespan ends while requests wait in the scheduler's queue: Scheduler.close() must answer them all.
 
     uvicorn waits for its connections before it ends the lifespan, so over a real socket the queue is usually
-    empty by then; here the lifespan is ended with four requests still inside, as a slow drain would leave them.
+    empty by then; here the lifespan is ended with four requests still inside (one queued on the thread, three
+    in the queue), as a slow drain would leave them.
     """
     app = make_app(gated, MAX_QUEUE="8", REQUEST_TIMEOUT_S="10")
 
@@ -166,8 +169,10 @@ def test_shutdown_answers_every_queued_request_and_refuses_new_ones(gated: Gated
             with gated.held():
                 held = [_post(client, ORDER[0])]
                 await until(lambda: gated.runs == 1, "one request in the engine")
-                held += [_post(client, name) for name in ORDER[1:5]]
-                await until(lambda: sample(app, "inference_queue_depth") == 4, "four requests queued")
+                held.append(_post(client, ORDER[1]))
+                await until(lambda: sample(app, "inference_in_flight") == 2, "one queued on the thread")
+                held += [_post(client, name) for name in ORDER[2:5]]
+                await until(lambda: sample(app, "inference_queue_depth") == 3, "three requests queued")
                 closing = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
                 await until(lambda: not app.state.data_plane.ready, "the shutdown to start")
                 assert (await client.get("/ready")).status_code == 503
