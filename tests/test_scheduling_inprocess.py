@@ -862,6 +862,15 @@ def _in_flight(metrics: Metrics) -> float:
     return _value(metrics, "inference_in_flight")
 
 
+async def _red_running_green_behind(
+    scheduler: Scheduler, metrics: Metrics, engine: RecordingClassifier
+) -> tuple[asyncio.Task[list[np.ndarray]], asyncio.Task[list[np.ndarray]]]:
+    """With the engine held and one inference thread: red in the engine, green queued behind it on the thread."""
+    first, second = _infer(scheduler, engine, ["red"]), _infer(scheduler, engine, ["green"])
+    await until(lambda: _in_flight(metrics) == 2, "green handed to the thread behind red")
+    return first, second
+
+
 def test_a_thread_that_ends_a_run_starts_the_next_without_waiting_for_the_event_loop(
     engine: RecordingClassifier,
 ) -> None:
@@ -871,9 +880,7 @@ def test_a_thread_that_ends_a_run_starts_the_next_without_waiting_for_the_event_
     async def scenario() -> None:
         async with _running() as (scheduler, metrics):
             with engine.held():
-                first = _infer(scheduler, engine, ["red"])
-                second = _infer(scheduler, engine, ["green"])
-                await until(lambda: _in_flight(metrics) == 2, "green handed to the thread behind red")
+                first, second = await _red_running_green_behind(scheduler, metrics, engine)
                 engine.gate.set()
                 blocked_until = time.monotonic() + 10  # a bound for a broken scheduler: this takes milliseconds
                 while engine.runs < 2 and time.monotonic() < blocked_until:
@@ -890,9 +897,7 @@ def test_a_run_queued_behind_another_leaves_out_what_was_answered_while_it_waite
     async def scenario() -> None:
         async with _running() as (scheduler, metrics):
             with engine.held():
-                first = _infer(scheduler, engine, ["red"])
-                left = _infer(scheduler, engine, ["green"])
-                await until(lambda: _in_flight(metrics) == 2, "green handed to the thread behind red")
+                first, left = await _red_running_green_behind(scheduler, metrics, engine)
                 left.cancel()  # its client left
                 with pytest.raises(asyncio.CancelledError):
                     await left

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
 
 import service.inference
 from service.model import Classifier
@@ -64,11 +65,8 @@ def test_gauges_count_the_engine_and_the_queue(gated: GatedClassifier) -> None:
     async def scenario() -> None:
         async with serving(app) as client:
             with gated.held():
-                first = _post(client, "red")
-                await until(lambda: gated.runs == 1, "the first request in the engine")
-                rest = [_post(client, ORDER[1])]
-                await until(lambda: sample(app, "inference_in_flight") == 2, "the second queued on the thread")
-                rest += [_post(client, name) for name in ORDER[2:4]]
+                first, second = await _one_running_one_behind(app, client, gated, ORDER[0], ORDER[1])
+                rest = [second, *(_post(client, name) for name in ORDER[2:4])]
                 await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
                 assert sample(app, "inference_in_flight") == 2
                 assert sample(app, "inference_batch_size_count") == 0
@@ -84,6 +82,29 @@ def test_gauges_count_the_engine_and_the_queue(gated: GatedClassifier) -> None:
     asyncio.run(scenario())
 
 
+async def _one_running_one_behind(
+    app: Starlette, client: httpx.AsyncClient, gated: GatedClassifier, first: str, second: str
+) -> tuple[asyncio.Task[httpx.Response], asyncio.Task[httpx.Response]]:
+    """With the engine held and one inference thread: `first` in the engine, `second` queued behind it on the
+    thread."""
+    running = _post(client, first)
+    await until(lambda: gated.runs == 1, "one request in the engine")
+    behind = _post(client, second)
+    await until(lambda: sample(app, "inference_in_flight") == 2, "one request queued on the thread")
+    return running, behind
+
+
+async def _one_running_one_behind_two_queued(
+    app: Starlette, client: httpx.AsyncClient, gated: GatedClassifier, names: list[str]
+) -> list[asyncio.Task[httpx.Response]]:
+    """With the engine held and one inference thread: the first request in the engine, the second queued behind
+    it on the thread, the last two in the queue."""
+    held = list(await _one_running_one_behind(app, client, gated, names[0], names[1]))
+    held += [_post(client, name) for name in names[2:]]
+    await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
+    return held
+
+
 def test_admission_refuses_when_it_is_the_binding_limit(gated: GatedClassifier) -> None:
     # MAX_BATCH=1: admission holds MAX_QUEUE + 2 x WORKERS x MAX_BATCH = 4 requests. One in the engine, one
     # queued behind it on the thread and two queued fill it, so the fifth is refused by admission, before the
@@ -93,12 +114,7 @@ def test_admission_refuses_when_it_is_the_binding_limit(gated: GatedClassifier) 
     async def scenario() -> None:
         async with serving(app) as client:
             with gated.held():
-                held = [_post(client, "red")]
-                await until(lambda: gated.runs == 1, "one request in the engine")
-                held.append(_post(client, "green"))
-                await until(lambda: sample(app, "inference_in_flight") == 2, "one request queued on the thread")
-                held += [_post(client, "blue"), _post(client, "red")]
-                await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
+                held = await _one_running_one_behind_two_queued(app, client, gated, ["red", "green", "blue", "red"])
                 refused = await client.post("/infer", files={"image": PNG["dark"]})
                 message = _error(refused, 503, "overloaded")
                 assert refused.headers["retry-after"] == "1"
@@ -120,12 +136,7 @@ def test_a_full_queue_refuses_when_it_binds_before_admission(gated: GatedClassif
     async def scenario() -> None:
         async with serving(app) as client:
             with gated.held():
-                held = [_post(client, "red")]
-                await until(lambda: gated.runs == 1, "one request in the engine")
-                held.append(_post(client, "green"))
-                await until(lambda: sample(app, "inference_in_flight") == 2, "one request queued on the thread")
-                held += [_post(client, "blue"), _post(client, "dark")]
-                await until(lambda: sample(app, "inference_queue_depth") == 2, "two requests queued")
+                held = await _one_running_one_behind_two_queued(app, client, gated, ["red", "green", "blue", "dark"])
                 refused = await client.post("/infer", files={"image": PNG["red"]})
                 message = _error(refused, 503, "overloaded")
                 assert refused.headers["retry-after"] == "1"
@@ -167,10 +178,7 @@ def test_shutdown_answers_every_queued_request_and_refuses_new_ones(gated: Gated
         await lifespan.__aenter__()
         async with asgi_client(app) as client:
             with gated.held():
-                held = [_post(client, ORDER[0])]
-                await until(lambda: gated.runs == 1, "one request in the engine")
-                held.append(_post(client, ORDER[1]))
-                await until(lambda: sample(app, "inference_in_flight") == 2, "one queued on the thread")
+                held = list(await _one_running_one_behind(app, client, gated, ORDER[0], ORDER[1]))
                 held += [_post(client, name) for name in ORDER[2:5]]
                 await until(lambda: sample(app, "inference_queue_depth") == 3, "three requests queued")
                 closing = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
@@ -226,10 +234,7 @@ def test_a_job_that_expired_in_the_queue_is_answered_504_and_skips_the_engine(ga
     async def scenario() -> None:
         async with serving(app) as client:
             with gated.held():
-                first = _post(client, "red")
-                await until(lambda: gated.runs == 1, "one request in the engine")
-                second = _post(client, "green")
-                await until(lambda: sample(app, "inference_in_flight") == 2, "the second queued on the thread")
+                first, second = await _one_running_one_behind(app, client, gated, "red", "green")
                 third = _post(client, "blue")
                 # Decoded, so waiting for a worker: not still in the decoder when the loop is held below.
                 await until(lambda: sample(app, "image_decode_seconds_count") == 3, "the third request decoded")
@@ -260,10 +265,7 @@ def test_deadline_in_the_engine_and_in_the_queue_gives_504_and_the_queued_job_is
     async def scenario() -> None:
         async with serving(app) as client:
             with gated.held():
-                first = _post(client, "red")
-                await until(lambda: gated.runs == 1, "one request in the engine")
-                second = _post(client, "blue")
-                await until(lambda: sample(app, "inference_in_flight") == 2, "the second queued on the thread")
+                first, second = await _one_running_one_behind(app, client, gated, "red", "blue")
                 for task in (first, second):
                     message = _error(await task, 504, "deadline_exceeded")
                     assert message == "no answer within 1.5 s (REQUEST_TIMEOUT_S)", message
