@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds < SETTLE_S + TAIL_S + 6 or args.users < 1:
         parser.error(f"--seconds must be at least {SETTLE_S + TAIL_S + 6:g}, --users at least 1")
 
-    images = payloads.image_set(args.set)
     rounds = []
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.neighbour else None
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp, contextlib.ExitStack() as stack:
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {}
             for j, v in enumerate(order):
                 runs[v.label] = service_under_load(
-                    v.env, images, args.seconds, work, f"round{i}-{j}", args.users, code[v.label], args.set
+                    v.env, args.seconds, work, f"round{i}-{j}", args.users, code[v.label], args.set
                 )
                 print(f"round {i} {v.label}: {runs[v.label].get('window')}", flush=True)
             rounds.append({"round": i, "order": [v.label for v in order], "runs": runs})

@@ -36,6 +36,7 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import payloads
 from service.cpus import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -607,7 +608,6 @@ def load_phase(
 
 def under_load(
     system_on: Callable[[int], System],
-    images: list[bytes],
     seconds: int,
     work: Path,
     tag: str,
@@ -616,7 +616,8 @@ def under_load(
     image_set: str = "large",
 ) -> dict[str, Any]:
     """A fresh server (`system_on(port)`), warmed up, then `users` Locust users for `seconds` sending `image_set`
-    (`images` are its images): Locust's summary, with the service's steady-state window ("window") if `steady`."""
+    (benchmarks/payloads.py): Locust's summary, with the service's steady-state window ("window") if `steady`."""
+    images = payloads.image_set(image_set)
     with launch(system_on, images[0], work / f"{tag}.log") as server:
         warm_up(server.url, images, users, 3, server.system.request)
         during = partial(window, server.url, server.process.pid, duration_s=seconds) if steady else None
@@ -625,7 +626,6 @@ def under_load(
 
 def service_under_load(
     env: dict[str, str],
-    images: list[bytes],
     seconds: int,
     work: Path,
     tag: str,
@@ -633,7 +633,7 @@ def service_under_load(
     code: Path = ROOT,
     image_set: str = "large",
 ) -> dict[str, Any]:
-    """A fresh `python -m service` from `code` on the committed artifact (plus `env`) under load (`images`, those
-    of `image_set` in benchmarks/payloads.py), with its steady-state window."""
+    """A fresh `python -m service` from `code` on the committed artifact (plus `env`) under load, with its
+    steady-state window."""
     system = partial(service_system, tag, env, code)
-    return under_load(system, images, seconds, work, tag, users, steady=True, image_set=image_set)
+    return under_load(system, seconds, work, tag, users, steady=True, image_set=image_set)

@@ -64,8 +64,8 @@ def _round(
     before = _ceiling(artifact, inputs, cores, seconds)
     decoding = engine.with_decoding(artifact, images, cores, seconds)
     batch = classify(folder) if folder is not None else None  # right after its bound, on the same cores
-    load = harness.service_under_load({}, images, load_s, work, tag := f"round-{index}")
-    baseline = harness.under_load(harness.naive_system, images, load_s, work, f"{tag}-naive") if args.naive else None
+    load = harness.service_under_load({}, load_s, work, tag := f"round-{index}")
+    baseline = harness.under_load(harness.naive_system, load_s, work, f"{tag}-naive") if args.naive else None
     after = _ceiling(artifact, inputs, cores, seconds)
     ceiling = (before["images_per_s"] + after["images_per_s"]) / 2
     engine_cpu = (before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2

@@ -262,7 +262,7 @@ def saturation(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             f"({result['command']}, {result['created_at']})",
         }
     print(f"saturation: {args.saturation_s} s of 8 closed-loop users on a fresh service...", flush=True)
-    load = service_under_load({}, payloads.image_set(IMAGE_SET), args.saturation_s, work, "saturation")
+    load = service_under_load({}, args.saturation_s, work, "saturation", image_set=IMAGE_SET)
     reference = json.loads((RESULTS / "saturation.json").read_text())
     return {
         "answered_per_s": load["window"]["answered_per_s"],

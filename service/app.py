@@ -22,7 +22,7 @@ from service.model import Classifier
 from service.neighbours import Neighbours
 from service.observe import Observe
 from service.repository import Repository
-from service.scheduler import RUNS_PER_THREAD, Scheduler
+from service.scheduler import Scheduler, most_held
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,9 +41,8 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     """Build the app. `classifier` lets a caller that already loaded and verified the artifact hand it over."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
-    # Room for everything the inference threads hold (a run each and one queued behind it) plus the queue: past
-    # that a request is refused before its body.
-    admission = Admission(settings.max_queue + RUNS_PER_THREAD * settings.workers * settings.max_batch)
+    # Room for all the scheduler can hold: past that a request is refused before its body.
+    admission = Admission(most_held(settings.max_queue, settings.workers, settings.max_batch))
     plane = DataPlane(settings, admission, metrics)
     tracer = _tracer(settings)
     app = Starlette(

@@ -87,6 +87,12 @@ class SchedulerHooks:
 RUNS_PER_THREAD = 2
 
 
+def most_held(max_queue: int, workers: int, max_batch: int) -> int:
+    """The most images a scheduler with these settings holds: its queue, and on each inference thread a run in the
+    engine and one queued behind it."""
+    return max_queue + RUNS_PER_THREAD * workers * max_batch
+
+
 def share(waiting: int, idle_workers: int, max_batch: int) -> int:
     """How many of `waiting` decoded images a worker takes: an equal part for each thread with no run handed to
     it (so no core idles while another runs a long batch; none free, as when a run is queued: all), up to
