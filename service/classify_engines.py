@@ -18,7 +18,7 @@ from service.errors import ServiceError
 from service.inference import DataPlane
 from service.metrics import Metrics
 from service.model import Classifier
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, most_held
 from service.settings import Settings
 
 CONNECTION_FAILED = "connection_failed"  # --url: the service could not be reached, even after retries
@@ -32,9 +32,8 @@ class LocalEngine:
         self._settings = settings
         self._model = model
         self._top_k = top_k or 1
-        self._plane = DataPlane(
-            settings, Admission(settings.max_queue + settings.workers * settings.max_batch), Metrics()
-        )
+        held = most_held(settings.max_queue, settings.workers, settings.max_batch)
+        self._plane = DataPlane(settings, Admission(held), Metrics())
         self._scheduler: Scheduler | None = None
         self.warning = ""
         # Images in flight: each worker's next batches decoded ahead, and as many more read and queued behind.

@@ -104,8 +104,24 @@ def _start_prometheus(target: str, folder: Path) -> tuple[subprocess.Popen[bytes
     return process, f"http://127.0.0.1:{port}"
 
 
+def _wait_ready(prometheus: str, log: Path, timeout: float = 60) -> None:
+    """Until Prometheus says it is ready: before that its API can answer 503 with a body that is not JSON."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{prometheus}/-/ready", timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Prometheus was not ready after {timeout:g} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
 def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+    assert response.status_code == 200, (response.status_code, response.text)
+    answer = response.json()
     assert answer["status"] == "success", answer
     result: list[dict[str, Any]] = answer["data"]["result"]
     return result
@@ -132,6 +148,7 @@ def scraped(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     with running_service(tiny_artifact, folder / "service.log") as server:
         process, prometheus = _start_prometheus(server.url.removeprefix("http://"), folder)
         try:
+            _wait_ready(prometheus, folder / "prometheus.log")
             yield server, prometheus, folder / "prometheus.log"
         finally:
             process.terminate()
