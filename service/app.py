@@ -13,7 +13,6 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from service import docs_page, endpoints, oip, openapi
-from service.admission import Admission
 from service.errors import exception_handlers
 from service.inference import DataPlane
 from service.metrics import Metrics
@@ -22,7 +21,7 @@ from service.model import Classifier
 from service.neighbours import Neighbours
 from service.observe import Observe
 from service.repository import Repository
-from service.scheduler import Scheduler, most_held
+from service.scheduler import Scheduler
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,9 +40,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     """Build the app. `classifier` lets a caller that already loaded and verified the artifact hand it over."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
-    # Room for all the scheduler can hold: past that a request is refused before its body.
-    admission = Admission(most_held(settings.max_queue, settings.workers, settings.max_batch))
-    plane = DataPlane(settings, admission, metrics)
+    plane = DataPlane(settings, metrics)
     tracer = _tracer(settings)
     app = Starlette(
         routes=_routes(metrics),
@@ -53,7 +50,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.admission = admission
+    app.state.admission = plane.admission
     app.state.data_plane = plane
     return app
 

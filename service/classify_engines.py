@@ -12,13 +12,12 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from service.admission import Admission
 from service.classify_output import Row
 from service.errors import ServiceError
 from service.inference import DataPlane
 from service.metrics import Metrics
 from service.model import Classifier
-from service.scheduler import Scheduler, most_held
+from service.scheduler import Scheduler
 from service.settings import Settings
 
 CONNECTION_FAILED = "connection_failed"  # --url: the service could not be reached, even after retries
@@ -32,8 +31,7 @@ class LocalEngine:
         self._settings = settings
         self._model = model
         self._top_k = top_k or 1
-        held = most_held(settings.max_queue, settings.workers, settings.max_batch)
-        self._plane = DataPlane(settings, Admission(held), Metrics())
+        self._plane = DataPlane(settings, Metrics())
         self._scheduler: Scheduler | None = None
         self.warning = ""
         # Images in flight: each worker's next batches decoded ahead, and as many more read and queued behind.

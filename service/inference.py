@@ -27,7 +27,7 @@ from service.memory import trim_heap
 from service.metrics import Metrics
 from service.model import Classifier
 from service.record import RequestRecord
-from service.scheduler import Decode, Scheduler
+from service.scheduler import Decode, Scheduler, most_held
 from service.settings import Settings
 from service.waiter import Gone
 
@@ -68,12 +68,13 @@ class DataPlane:
     """Health, model lookup, metadata and inference for every protocol. Made with the app; serving from the
     lifespan's `start` (model loaded and warmed) until a shutdown begins."""
 
-    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.ready = False
         self._model: Classifier | None = None
         self._scheduler: Scheduler | None = None
-        self._admission = admission
+        # Room for all the scheduler can hold: past that a request is refused before its body.
+        self.admission = Admission(most_held(settings.max_queue, settings.workers, settings.max_batch))
         self._metrics = metrics
         # Requests in progress per model (by id), and models swapped out that some of them still use.
         self._users: dict[int, int] = {}
@@ -191,7 +192,7 @@ class DataPlane:
         if not encoded:
             return Answer(self.model, results)
         request = record.current.get()
-        with self._admission.admit(len(encoded)), self._pinned(request) as model:
+        with self.admission.admit(len(encoded)), self._pinned(request) as model:
             # Queued encoded: the scheduler decodes each image (in a thread, never on the event loop) just ahead
             # of the engine, so waiting images cost their bytes, not their pixels.
             decoders = [functools.partial(self._decode, data, model, request) for data in encoded.values()]
@@ -204,7 +205,7 @@ class DataPlane:
         """Preprocessed (N, height, width, 3) float32 pixels -> probabilities."""
         self.check_count(len(pixels))
         request = record.current.get()
-        with self._admission.admit(len(pixels)), self._pinned(request) as model:
+        with self.admission.admit(len(pixels)), self._pinned(request) as model:
             rows = await self._infer(model, list(pixels), deadline, gone, request)
         return Answer(model, rows)
 

@@ -351,8 +351,8 @@ class Scheduler:
         from the scheduler's counters: each run was counted in on the event loop before it was handed to a
         thread (and is counted out on its thread as it ends), so of two runs starting together the later one to
         look sees the other; and waiting is read first, so a job the loop moves from waiting into the engine
-        between the two reads is seen. And only while
-        no neighbour holds one of the cores (service/neighbours.py), asked last: it reads files."""
+        between the two reads is seen. And only while no neighbour holds one of the cores
+        (service/neighbours.py), asked last: it reads files."""
         alone = self._waiting() == 0 and self._in_flight == images and engine.wide is not None
         return alone and (self._neighbours is None or not self._neighbours.busy())
 

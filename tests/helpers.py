@@ -250,6 +250,20 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> N
         time.sleep(0.005)
 
 
+def wait_until_ok(url: str, context: Callable[[], str], timeout: float = 60) -> None:
+    """Poll `url` until it answers 200 (refused connections meanwhile: the process is still starting); past
+    `timeout`, fail showing `context()` (its log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"no 200 from {url} after {timeout:g} s:\n{context()}"
+        time.sleep(0.05)
+
+
 # --- In-process: the real app, a real onnxruntime session and a real event loop, without a socket. ---
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import ROOT, Server, free_port, image_bytes, running_service
+from tests.helpers import ROOT, Server, free_port, image_bytes, running_service, wait_until_ok
 from tests.system import require_executable
 
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -104,20 +104,6 @@ def _start_prometheus(target: str, folder: Path) -> tuple[subprocess.Popen[bytes
     return process, f"http://127.0.0.1:{port}"
 
 
-def _wait_ready(prometheus: str, log: Path, timeout: float = 60) -> None:
-    """Until Prometheus says it is ready: before that its API can answer 503 with a body that is not JSON."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{prometheus}/-/ready", timeout=10).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Prometheus was not ready after {timeout:g} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-
-
 def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:
     response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
     assert response.status_code == 200, (response.status_code, response.text)
@@ -148,7 +134,8 @@ def scraped(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     with running_service(tiny_artifact, folder / "service.log") as server:
         process, prometheus = _start_prometheus(server.url.removeprefix("http://"), folder)
         try:
-            _wait_ready(prometheus, folder / "prometheus.log")
+            # Before it is ready its API can answer 503 with a body that is not JSON.
+            wait_until_ok(f"{prometheus}/-/ready", lambda: (folder / "prometheus.log").read_text()[-3000:])
             yield server, prometheus, folder / "prometheus.log"
         finally:
             process.terminate()

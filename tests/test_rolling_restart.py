@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import Server, free_port, image_bytes, start_service, write_tiny_artifact
+from tests.helpers import Server, free_port, image_bytes, start_service, wait_until_ok, write_tiny_artifact
 from tests.system import require_executable
 
 pytestmark = pytest.mark.slow
@@ -174,18 +174,6 @@ class Load:
             return sum(1 for r in self.results if r[2] == "ok" and since <= r[1] <= until)
 
 
-def _ready(server: Server, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.05)
-
-
 def _answered_by(server: Server) -> float:
     metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
     return sum(
@@ -205,7 +193,7 @@ def replicas(tmp_path: Path) -> Iterator[list[Server]]:
         for i in range(REPLICAS):
             started.append(start_service(artifact, tmp_path / f"replica-{i}.log", THREADS="1"))
         for server in started:
-            _ready(server)
+            wait_until_ok(f"{server.url}/ready", server.output, 30)
         yield started
     finally:
         for server in started:
@@ -249,7 +237,7 @@ def test_rolling_restart_behind_haproxy_loses_no_request(
             drain_s.append(round(time.monotonic() - stopping, 3))
             new = start_service(artifact, tmp_path / f"replica-{i}-new.log", THREADS="1")
             replicas.append(new)
-            _ready(new)
+            wait_until_ok(f"{new.url}/ready", new.output, 30)
             haproxy.command(f"set server replicas/{name} addr 127.0.0.1 port {new.url.rsplit(':', 1)[1]}")
             haproxy.command(f"set server replicas/{name} state ready")
             haproxy.wait_for(name, "UP")
