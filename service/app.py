@@ -50,7 +50,6 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.admission = plane.admission
     app.state.data_plane = plane
     return app
 

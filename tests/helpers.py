@@ -241,27 +241,29 @@ def server_metric(server: Server, name: str, **labels: str) -> float:
     return metric(httpx.get(f"{server.url}/metrics", timeout=30).text, name, **labels)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60, interval: float = 0.005) -> None:
     """Poll `condition` until it holds. The timeout only stops a broken test from hanging; nothing is timed."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"still waiting for {what} after {timeout:g} s")
-        time.sleep(0.005)
+        time.sleep(interval)
+
+
+def answers_ok(url: str) -> bool:
+    """Whether `url` answers 200 now; a refused connection (a process still starting) is a no."""
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_until_ok(url: str, context: Callable[[], str], timeout: float = 60) -> None:
-    """Poll `url` until it answers 200 (refused connections meanwhile: the process is still starting); past
-    `timeout`, fail showing `context()` (its log)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=10).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"no 200 from {url} after {timeout:g} s:\n{context()}"
-        time.sleep(0.05)
+    """Poll `url` until it answers 200; past `timeout`, fail showing `context()` (its log)."""
+    try:
+        wait_for(lambda: answers_ok(url), f"a 200 from {url}", timeout, interval=0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{context()}") from None
 
 
 # --- In-process: the real app, a real onnxruntime session and a real event loop, without a socket. ---

@@ -97,7 +97,7 @@ def test_the_images_of_one_request_go_through_the_scheduler_and_batch_together(t
                 # reaches the queue.
                 await until(lambda: sample(app, "inference_in_flight") == 3, "the request's two images as a batch")
                 # Admission counts images, each from before its decoding: one running, three in the batch request.
-                assert app.state.admission.pending == 4
+                assert app.state.data_plane.admission.pending == 4
             assert (await first).json()["class"] == "blue"
             results = (await batch).json()["results"]
             assert [r.get("class") for r in results] == ["red", None, "green"]

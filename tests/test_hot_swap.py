@@ -257,7 +257,7 @@ def test_requests_accepted_before_a_swap_finish_on_their_model(artifacts: dict[s
                 running = asyncio.ensure_future(client.post("/infer", files={"image": RED}))
                 await until(lambda: gated.runs == 1, "a request in A's engine")
                 queued = asyncio.ensure_future(client.post("/infer", files={"image": RED}))
-                await until(lambda: app.state.admission.pending == 2, "a request admitted on A")
+                await until(lambda: app.state.data_plane.admission.pending == 2, "a request admitted on A")
                 await until(lambda: sample(app, "inference_in_flight") == 2, "A's job queued on the thread")
                 assert (await client.post(LOAD)).status_code == 200
                 assert hasattr(gated, "session")  # A still has requests to answer
